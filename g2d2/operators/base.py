@@ -1,0 +1,84 @@
+"""The operator interface every task implements.
+
+A task is a linear map A from images (B, C, H, W) in [-1, 1] to measurements, plus Gaussian noise
+of std `sigma` on the same scale. Solvers only ever call `forward`, `adjoint`, `pinv` and read
+`image_shape`; the runner calls `measure` and `state`.
+
+Randomness (masks, kernels, CS permutations) is drawn once in `__init__` from the `generator`
+passed in, so the runner can build one operator per image from a generator seeded by
+(cfg.seed, image index) and save `state()` next to the results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LinearOperator:
+    """Base class: subclasses implement `forward` and `adjoint` (exactly), and usually `pinv`.
+
+    Args:
+        image_size: side length H = W of the images the operator acts on.
+        channels: number of image channels C.
+    """
+
+    def __init__(self, image_size: int, channels: int = 3) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this operator accepts."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A x for images x of shape (B, C, H, W); returns the noiseless measurement."""
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """A^T y; satisfies <A x, y> = <x, A^T y> exactly (up to floating point)."""
+        raise NotImplementedError
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        """Pseudo-inverse A^+ y (or the documented approximate inverse of the subclass)."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def measure(self, x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """y = A x + sigma * n with n ~ N(0, I) drawn from `generator` (on the CPU, then moved).
+
+        Raises:
+            ValueError: if sigma is negative or x has the wrong shape.
+        """
+        if sigma < 0:
+            raise ValueError(f"measurement noise sigma must be >= 0, got {sigma}")
+        self.check_image(x)
+        y = self.forward(x)
+        if sigma > 0:
+            noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device="cpu")
+            y = y + sigma * noise.to(y.device)
+        return y
+
+    def check_image(self, x: torch.Tensor) -> None:
+        """Raise a clear error when x is not a batch of (C, H, W) images this operator accepts."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (B, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(x.shape)}; set data.image_size to match the task (task image_size "
+                f"{self.image_size})"
+            )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The random draws (mask, kernel, permutation, ...) that define this operator, for saving."""
+        return {}
+
+    def to(self, device: torch.device | str) -> LinearOperator:
+        """Move every tensor attribute to `device` (in place) and return self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
