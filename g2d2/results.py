@@ -1,0 +1,93 @@
+"""The machine-readable results of a run: metrics.jsonl (one flushed line per image) and summary.json.
+
+metrics.jsonl is append-only. A process killed while writing leaves at most one partial last
+line; `MetricsFile` detects it (no trailing newline, or not valid JSON), drops it and truncates the
+file, so a resumed run starts from a valid file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: the per-image quality metrics aggregated in summary.json
+QUALITY_KEYS = ("psnr", "ssim", "lpips")
+COST_KEYS = ("seconds", "peak_gpu_mem_mb", "peak_rss_mb")
+
+
+class MetricsFile:
+    """Append-only JSON-lines file of per-image records.
+
+    Args:
+        path: the metrics.jsonl path (created on first append).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Valid records in file order; a partial or corrupt trailing line is dropped (and truncated)."""
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        records: list[dict[str, Any]] = []
+        valid_bytes = 0
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # killed mid-write
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            valid_bytes += len(line)
+        if valid_bytes < len(raw):
+            logger.warning(
+                "%s: dropped %d bytes of a partial or corrupt line (an interrupted write)",
+                self.path, len(raw) - valid_bytes,
+            )
+            with open(self.path, "r+b") as handle:
+                handle.truncate(valid_bytes)
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line, flushed and fsynced before returning."""
+        line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "count": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "count": len(values)}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means, sample standard deviations and counts of every metric over the successful images."""
+    ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: r["index"])
+    failed = [r for r in records if r.get("status") != "ok"]
+    metrics = {key: _stats([r.get(key) for r in ok]) for key in QUALITY_KEYS + COST_KEYS}
+    return {
+        "num_images": len(ok),
+        "num_failed": len(failed),
+        "failed": [{"index": r["index"], "name": r.get("name"), "error": r.get("error")} for r in failed],
+        "metrics": metrics,
+    }
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file and rename it over `path` (never a half-written file)."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

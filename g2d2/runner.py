@@ -1,0 +1,222 @@
+"""One experiment: build prior, solver and data from the config, then solve and score every image.
+
+Nothing here is model-specific: components come from `hydra.utils.instantiate`, and the loop only
+uses the interfaces of g2d2.operators.base, g2d2.priors.base and g2d2.solvers.base.
+Outputs in `output_dir`: metrics.jsonl (one line per finished image, flushed), images/*.png,
+operators/*.safetensors (the mask / kernel / permutation each image was measured with),
+summary.json (means, std, counts, config, versions) and run_config.json (for resume checks).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from g2d2 import metrics as quality
+from g2d2.priors.base import DiscretePrior, PixelPrior
+from g2d2.provenance import environment_info
+from g2d2.results import MetricsFile, summarize, write_json_atomic
+from g2d2.solvers.base import NonFiniteError, check_finite
+from g2d2.tracking import measure_cost
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+GROUPS = ("prior", "task", "noise_schedule", "solver", "data", "logger", "experiment")
+#: config keys that may differ between an interrupted run and its resumption
+RESUME_FREE_KEYS = ("resume", "progress", "logger", "device")
+
+
+class ConfigError(ValueError):
+    """An inconsistent configuration; the message says which keys to change."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise torch.device(name), checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of image `index`: every random draw of that image comes from it."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.task.sigma < 0:
+        raise ConfigError(f"task.sigma must be >= 0 (noise std on the [-1, 1] scale), got {cfg.task.sigma}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+
+def check_prior(solver: Any, prior: torch.nn.Module | None, image_size: int) -> None:
+    """The solver's prior kind and the prior's image size must match the run."""
+    kinds = {"discrete": DiscretePrior, "pixel": PixelPrior}
+    if solver.prior_kind is None:
+        return
+    if not isinstance(prior, kinds[solver.prior_kind]):
+        raise ConfigError(
+            f"solver {type(solver).__name__} needs a {solver.prior_kind} prior, got {type(prior).__name__}; "
+            f"choose e.g. prior={'tiny_vq' if solver.prior_kind == 'discrete' else 'tiny_ddpm'}"
+        )
+    if prior.image_size != image_size:
+        raise ConfigError(
+            f"prior {type(prior).__name__} makes {prior.image_size} px images but data.image_size={image_size}; "
+            f"set data.image_size={prior.image_size} or pick a prior trained at {image_size} px"
+        )
+
+
+def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done: list[dict[str, Any]]) -> None:
+    """Refuse to mix results of different configs in one folder."""
+    import json
+
+    saved = output_dir / "run_config.json"
+    if done and not resume:
+        raise ConfigError(
+            f"{output_dir} already holds {len(done)} finished images; pass resume=true to continue that run "
+            "or choose another hydra.run.dir"
+        )
+    comparable = {k: v for k, v in cfg_dict.items() if k not in RESUME_FREE_KEYS}
+    if saved.exists() and done:
+        previous = json.loads(saved.read_text())
+        if previous != comparable:
+            changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+            raise ConfigError(f"cannot resume {output_dir}: the config differs in {changed}; use a new folder")
+    write_json_atomic(saved, comparable)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [-1, 1] -> 8-bit PNG."""
+    from PIL import Image
+
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+def run(
+    cfg: DictConfig,
+    output_dir: Path,
+    choices: dict[str, str] | None = None,
+    tracker: Any | None = None,
+) -> dict[str, Any]:
+    """Solve every image of cfg.data with cfg.solver on cfg.task; returns the summary dict.
+
+    Args:
+        cfg: the composed config (conf/config.yaml).
+        output_dir: where results go (Hydra's output folder).
+        choices: the config group choices (hydra.runtime.choices), recorded and used as W&B tags.
+        tracker: a logger object (default: instantiate(cfg.logger)).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    records = metrics_file.read()
+    check_resume(output_dir, cfg_dict, cfg.resume, records)
+    done = {r["index"] for r in records}
+
+    data = instantiate(cfg.data)
+    solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
+    prior = None
+    if solver.prior_kind is not None:
+        prior = instantiate(cfg.prior, device=device, precision=cfg.precision)
+    check_prior(solver, prior, data.image_size)
+    lpips = quality.LPIPS(net=cfg.lpips_net).to(device)
+
+    tracker = tracker if tracker is not None else instantiate(cfg.logger)
+    choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}
+    tracker.start(cfg_dict, output_dir, name=output_dir.name, tags=[f"{k}:{v}" for k, v in choices.items()])
+    (output_dir / "images").mkdir(exist_ok=True)
+    (output_dir / "operators").mkdir(exist_ok=True)
+
+    todo = [i for i in range(len(data)) if i not in done]
+    if done:
+        logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
+    batches = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+    for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
+        names, images = zip(*(data[i] for i in batch))
+        x = torch.stack(images).to(device)
+        # one generator per batch, seeded by (seed, first image index): with batch_size=1, per image
+        generator = image_generator(cfg.seed, batch[0])
+        operator = instantiate(cfg.task.operator, generator=generator).to(device)
+        y = operator.measure(x, cfg.task.sigma, generator)
+        error = None
+        with measure_cost(device) as cost:
+            try:
+                x_hat = solver.solve(prior, operator, y, generator=generator, progress=cfg.progress)
+                check_finite(x_hat, "the reconstruction")
+            except NonFiniteError as err:
+                error = str(err)
+        if error is None:
+            x_hat = x_hat.detach().float().clamp(-1, 1)
+            with torch.no_grad():
+                scores = {
+                    "psnr": quality.psnr(x_hat, x).tolist(),
+                    "ssim": quality.ssim(x_hat, x).tolist(),
+                    "lpips": lpips(x_hat, x).tolist(),
+                }
+            view = operator.pinv(y).clamp(-1, 1)
+        state = {k: v.detach().cpu().contiguous() for k, v in operator.state().items()}
+        if state:
+            from safetensors.torch import save_file
+
+            save_file(state, str(output_dir / "operators" / f"{batch[0]:05d}.safetensors"))
+        for j, (index, name) in enumerate(zip(batch, names)):
+            record = {
+                "index": index,
+                "name": name,
+                "seconds": cost.seconds / len(batch),
+                "peak_gpu_mem_mb": cost.peak_gpu_mem_mb,
+                "peak_rss_mb": cost.peak_rss_mb,
+                "batch_size": len(batch),
+            }
+            if error is not None:
+                logger.error("image %d (%s) failed: %s", index, name, error)
+                record.update(status="nonfinite", error=error)
+                metrics_file.append(record)
+                tracker.log_image(index, name, {"failed": 1}, None)
+                continue
+            record.update(status="ok", **{k: v[j] for k, v in scores.items()})
+            stem = f"{index:05d}_{Path(name).stem}"
+            grid = torch.cat([x[j], view[j], x_hat[j]], dim=2)
+            if cfg.save_images:
+                for suffix, image in (("gt", x[j]), ("measurement", view[j]), ("recon", x_hat[j])):
+                    save_png(image, output_dir / "images" / f"{stem}_{suffix}.png")
+            metrics_file.append(record)
+            tracker.log_image(index, name, record, grid)
+            logger.info(
+                "image %d (%s): PSNR %.2f dB, SSIM %.3f, LPIPS %.3f, %.1f s",
+                index, name, record["psnr"], record["ssim"], record["lpips"], record["seconds"],
+            )
+
+    summary = summarize(metrics_file.read())
+    summary.update(
+        config=cfg_dict,
+        choices=choices,
+        output_dir=str(output_dir),
+        environment=environment_info(device),
+    )
+    write_json_atomic(output_dir / "summary.json", summary)
+    tracker.log_summary(summary)
+    logger.info("results: %s (metrics.jsonl, summary.json, images/)", output_dir)
+    if tracker.url_or_dir:
+        logger.info("W&B run: %s", tracker.url_or_dir)
+    tracker.finish()
+    return summary

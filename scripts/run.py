@@ -1,0 +1,28 @@
+"""The one entry point: `python scripts/run.py [group=option ...] [key=value ...]`, `-m` to sweep.
+
+Examples:
+    python scripts/run.py                                   # G2D2, tiny VQ prior, SR x4, embedded images
+    python scripts/run.py -m task=sr4,gauss_deblur solver=g2d2,pinv
+    python scripts/run.py solver=dps prior=tiny_ddpm task=inpaint_box
+See README.md and conf/ for every option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from g2d2.runner import run
+
+    runtime = HydraConfig.get().runtime
+    run(cfg, Path(runtime.output_dir), choices=dict(runtime.choices))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared test helpers: composing the real configs and running the real entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+RUN = ROOT / "scripts" / "run.py"
+
+
+def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """Compose conf/config.yaml with overrides, as `scripts/run.py` would."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+
+def run_entry_point(args: list[str], tmp_path: Path, timeout: float = 600, check: bool = True):
+    """Run `python scripts/run.py <args>` with outputs in tmp_path and W&B disabled."""
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(RUN), f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def conf_dir() -> Path:
+    return CONF

@@ -1,0 +1,135 @@
+"""End-to-end runs of scripts/run.py with the no-prior solver, and the runner's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from conftest import run_entry_point
+from g2d2.results import MetricsFile, summarize
+
+ALL_TASKS = ["sr4", "sr4_avgpool", "gauss_deblur", "motion_deblur", "inpaint_box", "inpaint_random", "cs", "denoise"]
+FAST = ["solver=pinv", "logger=none", "data.limit=2", "progress=false"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_pinv_sweep_over_every_task_writes_finite_summaries(tmp_path):
+    run_entry_point(["-m", f"task={','.join(ALL_TASKS)}", *FAST], tmp_path)
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == len(ALL_TASKS)
+    seen = set()
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        seen.add(summary["choices"]["task"])
+        assert summary["num_images"] == 2 and summary["num_failed"] == 0
+        for key in ("psnr", "ssim", "lpips"):
+            assert math.isfinite(summary["metrics"][key]["mean"]), (path, key)
+        assert summary["environment"]["versions"]["torch"]
+        assert summary["config"]["task"]["name"] == summary["choices"]["task"]
+        run_dir = path.parent
+        assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+        pngs = sorted(p.name for p in (run_dir / "images").glob("*.png"))
+        assert len(pngs) == 6 and any(p.endswith("_recon.png") for p in pngs)
+    assert seen == set(ALL_TASKS)
+    # the denoising pseudo-inverse is y itself: PSNR of noise std 0.05 on [-1, 1] is about 32 dB
+    denoise = next(json.loads(p.read_text()) for p in summaries if "denoise" in p.parent.name)
+    assert 30.0 < denoise["metrics"]["psnr"]["mean"] < 34.0
+
+
+@pytest.mark.slow
+def test_same_command_same_numbers_and_different_seed_differs(tmp_path):
+    args = [*FAST, "task=inpaint_box", "data.limit=1"]
+    first = read_jsonl(run_entry_point(args, tmp_path / "a") and tmp_path / "a" / "run" / "metrics.jsonl")
+    second = read_jsonl(run_entry_point(args, tmp_path / "b") and tmp_path / "b" / "run" / "metrics.jsonl")
+    other = read_jsonl(run_entry_point([*args, "seed=1"], tmp_path / "c") and tmp_path / "c" / "run" / "metrics.jsonl")
+    quality = lambda rs: [(r["psnr"], r["ssim"], r["lpips"]) for r in rs]
+    assert quality(first) == quality(second)
+    assert quality(first) != quality(other)
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    proc = run_entry_point(["task=nonexistent", *FAST], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "nonexistent" in proc.stderr and "task" in proc.stderr
+
+
+def test_sr_factor_not_dividing_size_is_a_clear_error(tmp_path):
+    proc = run_entry_point(["task=sr4", "data.image_size=66", *FAST], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "factor" in proc.stderr and "66" in proc.stderr
+
+
+def test_negative_sigma_is_refused(tmp_path):
+    proc = run_entry_point(["task.sigma=-0.1", *FAST], tmp_path, check=False)
+    assert proc.returncode != 0 and "sigma" in proc.stderr
+
+
+def test_empty_and_corrupt_image_folders_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_entry_point([*FAST, "data=folder", f"data.path={empty}", "data.image_size=64"], tmp_path, check=False)
+    assert proc.returncode != 0 and "holds no images" in proc.stderr
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    proc = run_entry_point([*FAST, "data=folder", f"data.path={corrupt}", "data.image_size=64"], tmp_path, check=False)
+    assert proc.returncode != 0 and "a.png" in proc.stderr and "corrupt" in proc.stderr
+
+
+def test_folder_with_grey_and_rgba_images_runs(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (80, 70), 128).save(folder / "grey.png")
+    Image.new("RGBA", (70, 90), (10, 200, 30, 128)).save(folder / "rgba.png")
+    proc = run_entry_point(
+        [*FAST, "data=folder", f"data.path={folder}", "data.image_size=64", "task=denoise"], tmp_path
+    )
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["name"] for r in records] == ["grey.png", "rgba.png"]
+    assert "converted to RGB" in proc.stdout + proc.stderr
+
+
+def test_existing_results_need_resume_flag(tmp_path):
+    run_entry_point([*FAST, "task=denoise", "data.limit=1"], tmp_path)
+    proc = run_entry_point([*FAST, "task=denoise", "data.limit=1"], tmp_path, check=False)
+    assert proc.returncode != 0 and "resume=true" in proc.stderr
+    run_entry_point([*FAST, "task=denoise", "data.limit=1", "resume=true"], tmp_path)
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import RUN
+
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    env.pop("WANDB_MODE", None)
+    cmd = [sys.executable, str(RUN), f"hydra.run.dir={tmp_path / 'run'}", "solver=pinv", "data.limit=1",
+           "logger=wandb", "logger.mode=offline", "progress=false", "task=denoise"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_partial_last_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = MetricsFile(path)
+    good.append({"index": 0, "status": "ok", "psnr": 20.0, "ssim": 0.5, "lpips": 0.3})
+    with open(path, "a") as handle:
+        handle.write('{"index": 1, "status": "ok", "psn')
+    records = good.read()
+    assert [r["index"] for r in records] == [0]
+    assert path.read_text().endswith("}\n")
+    summary = summarize(records)
+    assert summary["num_images"] == 1 and summary["metrics"]["psnr"]["mean"] == 20.0
