@@ -133,7 +133,8 @@ def run(
     done = {r["index"] for r in records}
 
     data = instantiate(cfg.data)
-    solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
+    schedule = instantiate(cfg.noise_schedule) if cfg.get("noise_schedule") else None
+    solver = instantiate(cfg.solver, noise_schedule=schedule)
     prior = None
     if solver.prior_kind is not None:
         prior = instantiate(cfg.prior, device=device, precision=cfg.precision)
@@ -151,7 +152,7 @@ def run(
         logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
     batches = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
     for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
-        names, images = zip(*(data[i] for i in batch))
+        names, images = zip(*(data[i] for i in batch), strict=True)
         x = torch.stack(images).to(device)
         # one generator per batch, seeded by (seed, first image index): with batch_size=1, per image
         generator = image_generator(cfg.seed, batch[0])
@@ -178,7 +179,7 @@ def run(
             from safetensors.torch import save_file
 
             save_file(state, str(output_dir / "operators" / f"{batch[0]:05d}.safetensors"))
-        for j, (index, name) in enumerate(zip(batch, names)):
+        for j, (index, name) in enumerate(zip(batch, names, strict=True)):
             record = {
                 "index": index,
                 "name": name,

@@ -24,8 +24,9 @@ def compose_config(overrides: list[str] | None = None, return_hydra_config: bool
 def run_entry_point(args: list[str], tmp_path: Path, timeout: float = 600, check: bool = True):
     """Run `python scripts/run.py <args>` with outputs in tmp_path and W&B disabled."""
     env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(RUN), f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    proc = subprocess.run(cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cmd = [sys.executable, str(RUN), *args, *dirs]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from conftest import run_entry_point
 from PIL import Image
 
-from conftest import run_entry_point
 from g2d2.results import MetricsFile, summarize
 
 ALL_TASKS = ["sr4", "sr4_avgpool", "gauss_deblur", "motion_deblur", "inpaint_box", "inpaint_random", "cs", "denoise"]
