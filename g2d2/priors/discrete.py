@@ -1,0 +1,241 @@
+"""VQ-Diffusion as a `DiscretePrior`: VQ codebook + decoder, and a discrete transformer giving
+log p_theta(z_0 | z_t, text) (Gu et al., "Vector Quantized Diffusion Model for Text-to-Image
+Synthesis", CVPR 2022; Tang et al., "Improved Vector Quantized Diffusion Models", 2022, for the
+learned classifier-free embeddings).
+
+Loaded component by component with diffusers / transformers classes (the deprecated
+`VQDiffusionPipeline.from_pretrained` breaks on the ITHQ model index). Folder layout, as
+`microsoft/vq-diffusion-ithq` (a hub id resolved through the local cache, or a local folder):
+
+    vqvae/          VQModel                                    required
+    transformer/    Transformer2DModel (num_vector_embeds=K+1) required
+    scheduler/      VQDiffusionScheduler (scheduler_config.json) required
+    text_encoder/   CLIPTextModel                              required for a prompt (*)
+    tokenizer/      CLIPTokenizer                              required for a prompt (*)
+    learned_classifier_free_sampling_embeddings/               optional (null text for guidance)
+
+(*) and for a text-conditioned transformer without a learnable null embedding, whose
+unconditional input is then the encoded empty prompt.
+
+A folder with only the first three is an unconditional prior (transformer without
+cross-attention): the layout of the embedded tiny prior.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from g2d2.noise.vq_schedule import vq_diffusion_schedules
+from g2d2.priors.base import DiscretePrior, freeze
+from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REQUIRED = ("vqvae", "transformer", "scheduler")
+LAYOUT = (
+    "vqvae/, transformer/, scheduler/ (required), text_encoder/ + tokenizer/ (for a prompt), "
+    "learned_classifier_free_sampling_embeddings/ (optional), as in microsoft/vq-diffusion-ithq"
+)
+#: log-probabilities are clamped here (log 0 -> -70), as in the reference code
+LOG_CLAMP = -70.0
+
+
+def _load(component: str, root: Path, loader):  # noqa: ANN001 - any from_pretrained-like callable
+    folder = root / component
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"VQ-Diffusion checkpoint {root} has no '{component}/' folder; expected layout: {LAYOUT}"
+        )
+    try:
+        return loader(str(folder))
+    except Exception as err:  # noqa: BLE001 - re-raised with the component named
+        raise CheckpointError(
+            f"could not load the '{component}' component from {folder} ({type(err).__name__}: {err}); "
+            f"expected layout: {LAYOUT}"
+        ) from err
+
+
+class VQDiffusionPrior(DiscretePrior):
+    """A (text-conditioned or unconditional) VQ-Diffusion prior.
+
+    Args:
+        path: `embedded:<name>`, a local folder or a Hugging Face id (see `resolve_checkpoint`).
+        prompt: text prompt (needs text_encoder/ and tokenizer/); None = unconditional.
+        guidance_scale: classifier-free guidance s, l = l_u + s (l_c - l_u) in log space (1 = off).
+        allow_download: let a missing hub id be downloaded.
+        device: where the networks live.
+        precision: "fp32" | "fp16" | "bf16" for the networks; codebook, logits and decode
+            outputs stay float32.
+    Raises:
+        CheckpointError: a missing/unloadable component, named.
+        ValueError: bad precision, or guidance without a prompt.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        prompt: str | None = None,
+        guidance_scale: float = 1.0,
+        allow_download: bool = False,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        from diffusers import Transformer2DModel, VQDiffusionScheduler, VQModel
+        from diffusers.utils import is_accelerate_available
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if guidance_scale != 1.0 and not prompt:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt or guidance 1")
+        dtype = PRECISIONS[precision]
+        root = resolve_checkpoint(path, allow_download=allow_download)
+        if not root.is_dir():
+            raise CheckpointError(f"VQ-Diffusion checkpoint {root} is not a folder; expected layout: {LAYOUT}")
+
+        # 1. the three required components
+        kw = {"torch_dtype": dtype, "low_cpu_mem_usage": is_accelerate_available()}
+        self.vqvae = _load("vqvae", root, lambda p: VQModel.from_pretrained(p, **kw))
+        self.transformer = _load("transformer", root, lambda p: Transformer2DModel.from_pretrained(p, **kw))
+        scheduler = _load("scheduler", root, VQDiffusionScheduler.from_pretrained)
+        if not getattr(self.transformer, "is_input_vectorized", False):
+            raise CheckpointError(f"{root / 'transformer'} is not a discrete (num_vector_embeds) transformer")
+
+        # 2. sizes and schedules (float64, from the scheduler's config)
+        self.num_codes = int(self.vqvae.config.num_vq_embeddings)
+        if self.transformer.config.num_vector_embeds != self.num_codes + 1:
+            raise CheckpointError(
+                f"transformer has num_vector_embeds={self.transformer.config.num_vector_embeds}, expected "
+                f"codes + mask = {self.num_codes + 1} for the {self.num_codes}-code vqvae in {root}"
+            )
+        self.token_shape = (int(self.transformer.height), int(self.transformer.width))
+        down = 2 ** (len(self.vqvae.config.block_out_channels) - 1)
+        self.image_size = self.token_shape[0] * down
+        cfg = scheduler.config
+        self.num_timesteps = int(cfg.num_train_timesteps)
+        for name, value in vq_diffusion_schedules(
+            self.num_timesteps, self.num_codes, cfg.alpha_cum_start, cfg.alpha_cum_end,
+            cfg.gamma_cum_start, cfg.gamma_cum_end,
+        ).items():
+            setattr(self, name, value)  # (T,) float64 CPU tensors, not buffers: they never move
+
+        # 3. text conditioning (optional): fixed text inputs, computed once
+        self.prompt, self.guidance_scale = prompt, float(guidance_scale)
+        self.text_encoder = self.tokenizer = None
+        cond = uncond = None
+        if self.transformer.config.cross_attention_dim is None:
+            if prompt:
+                raise CheckpointError(f"prompt {prompt!r} given but the transformer in {root} is unconditional")
+        else:
+            uncond = self._learned_null_embedding(root, kw["low_cpu_mem_usage"])
+            if prompt or uncond is None:
+                from transformers import CLIPTextModel, CLIPTokenizer
+
+                self.tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
+                # the text encoder stays float32: it runs once per prompt, not per step
+                self.text_encoder = freeze(_load("text_encoder", root, CLIPTextModel.from_pretrained).float())
+            if uncond is None:
+                uncond = self._embed_text("")  # no learned null text: the empty prompt
+            if prompt:
+                cond = self._embed_text(prompt)
+            uncond = uncond.to(dtype)
+            cond = cond.to(dtype) if cond is not None else None
+        self.register_buffer("cond_embedding", cond, persistent=False)  # (1, L, D) or None
+        self.register_buffer("uncond_embedding", uncond, persistent=False)  # (1, L, D) or None
+
+        # 4. codebook E (K, d), cached once in float32
+        codebook = self.vqvae.quantize.embedding.weight.detach().float().clone()
+        self.register_buffer("codebook", codebook, persistent=False)
+        freeze(self.vqvae)
+        freeze(self.transformer)
+        self.to(device)
+        logger.info(
+            "VQ-Diffusion prior from %s: K=%d codes, tokens %s, T=%d, prompt=%r, guidance=%g, %s",
+            root, self.num_codes, self.token_shape, self.num_timesteps, prompt, guidance_scale, precision,
+        )
+
+    # ---------------------------------------------------------------- text
+    @torch.no_grad()
+    def _embed_text(self, text: str) -> torch.Tensor:
+        """CLIP last hidden state, L2-normalised per token as in VQ-Diffusion: (1, L, D)."""
+        ids = self.tokenizer(
+            [text], padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids
+        hidden = self.text_encoder(ids.to(self.text_encoder.device))[0].float()
+        return hidden / hidden.norm(dim=-1, keepdim=True)
+
+    @staticmethod
+    def _learned_null_embedding(root: Path, low_cpu_mem_usage: bool) -> torch.Tensor | None:
+        """The learned classifier-free null text (1, L, D), or None when absent or not learnable."""
+        folder = root / "learned_classifier_free_sampling_embeddings"
+        if not folder.is_dir():
+            return None
+        from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
+            LearnedClassifierFreeSamplingEmbeddings,
+        )
+
+        load = LearnedClassifierFreeSamplingEmbeddings.from_pretrained
+        learned = _load(folder.name, root, lambda p: load(p, low_cpu_mem_usage=low_cpu_mem_usage))
+        return learned.embeddings.detach().float().unsqueeze(0) if learned.learnable else None
+
+    # ---------------------------------------------------------------- transformer
+    @torch.no_grad()
+    def log_p_x0(self, tokens_t: torch.Tensor, t: int) -> torch.Tensor:
+        """log p_theta(z0 | z_t) with classifier-free guidance; (B, N) long -> (B, K, N) float32."""
+        batch = tokens_t.shape[0]
+        timestep = torch.tensor(int(t), dtype=torch.long, device=tokens_t.device)  # one per batch (ada_norm)
+        if self.uncond_embedding is None:
+            # 1. unconditional transformer: no text input at all
+            logits = self.transformer(tokens_t, timestep=timestep).sample
+        elif self.cond_embedding is None or self.guidance_scale == 1.0:
+            # 2. a single pass: the prompt, or the null text when there is no prompt
+            text = self.cond_embedding if self.cond_embedding is not None else self.uncond_embedding
+            logits = self.transformer(tokens_t, encoder_hidden_states=text.expand(batch, -1, -1), timestep=timestep)
+            logits = logits.sample
+        else:
+            # 3. guidance in log space, l = l_u + s (l_c - l_u), one batched pass, renormalised
+            text = torch.cat([self.uncond_embedding.expand(batch, -1, -1), self.cond_embedding.expand(batch, -1, -1)])
+            out = self.transformer(torch.cat([tokens_t, tokens_t]), encoder_hidden_states=text, timestep=timestep)
+            l_u, l_c = out.sample.float().chunk(2)
+            logits = l_u + self.guidance_scale * (l_c - l_u)
+        logits = logits.float()
+        return (logits - torch.logsumexp(logits, dim=1, keepdim=True)).clamp(min=LOG_CLAMP)
+
+    # ---------------------------------------------------------------- VQ decoder / encoder
+    def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) code vectors -> images. VQModel.decode(force_not_quantize=True) written out
+        (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot turn it into a lookup."""
+        h, w = self.token_shape
+        quant = emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)  # (B, d, h, w), raster order
+        quant = quant.to(self.vqvae.dtype)
+        spatial = quant if self.vqvae.config.norm_type == "spatial" else None
+        return self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
+
+    def decode(self, probs: torch.Tensor) -> torch.Tensor:
+        """Relaxed decode: (B, K, N) probs -> probs^T E (B, N, d) -> decoder; differentiable w.r.t. probs.
+
+        Returns (B, 3, H, W), not clamped, in float32 (float64 when probs are float64).
+        """
+        out_dtype = torch.promote_types(probs.dtype, torch.float32)
+        emb = torch.einsum("bkn,kd->bnd", probs.to(out_dtype), self.codebook.to(out_dtype))
+        return self._decode_embeddings(emb).to(out_dtype)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) code ids -> (B, 3, H, W) float32 images clamped to [-1, 1]."""
+        if (tokens >= self.num_codes).any() or (tokens < 0).any():
+            raise ValueError(f"decode_tokens needs code ids in [0, {self.num_codes}), got mask or out-of-range ids")
+        return self._decode_embeddings(self.codebook[tokens]).float().clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> encoder + quant_conv -> nearest code ids (B, N)."""
+        h = self.vqvae.quant_conv(self.vqvae.encoder(x.to(self.vqvae.dtype))).float()  # (B, d, h, w)
+        z = h.flatten(2).transpose(1, 2)  # (B, N, d)
+        dist = (z**2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + (self.codebook**2).sum(-1)  # (B, N, K)
+        return dist.argmin(dim=-1)
