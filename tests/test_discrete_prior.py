@@ -80,10 +80,15 @@ def test_log_p_x0_guidance_in_log_space(guided, tiny_dirs):
 
 
 def test_prompt_embedding_is_normalised_clip_and_empty_prompt_is_the_fallback(tiny_dirs):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     prior = VQDiffusionPrior(str(tiny_dirs["text_no_null"]), prompt=PROMPT)
-    ids = prior.tokenizer([""], padding="max_length", max_length=prior.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
-    hidden = prior.text_encoder(ids)[0]
+    assert prior.text_encoder is None  # freed once the fixed prompt is embedded
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_dirs["text_no_null"] / "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(str(tiny_dirs["text_no_null"] / "text_encoder"))
+    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids)[0]
     torch.testing.assert_close(prior.uncond_embedding, hidden / hidden.norm(dim=-1, keepdim=True))
     torch.testing.assert_close(prior.cond_embedding.norm(dim=-1), torch.ones(1, prior.cond_embedding.shape[1]))
     # guidance 1: a single conditional pass

@@ -16,6 +16,7 @@ from g2d2.noise.vq_schedule import (
     log_kernel,
     markov_posterior_log_probs,
     sample_categorical,
+    sample_categorical_icdf,
     top_p_filter,
     vq_diffusion_schedules,
 )
@@ -173,6 +174,17 @@ def test_gumbel_max_sampling_is_exact_and_seeded():
     z = sample_categorical(log_p, torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.bincount(z[0], minlength=4) / 40000.0, probs, rtol=0, atol=0.01)
     assert torch.equal(z, sample_categorical(log_p, torch.Generator().manual_seed(0)))
+
+
+def test_inverse_cdf_sampling_is_exact_and_seeded():
+    probs = torch.tensor([0.6, 0.0, 0.25, 0.1, 0.05, 0.0])
+    log_p = probs.log()[None, :, None].expand(2, 6, 40000)
+    z = sample_categorical_icdf(log_p, torch.Generator().manual_seed(0))
+    assert z.shape == (2, 40000)
+    freq = torch.bincount(z.flatten(), minlength=6) / z.numel()
+    torch.testing.assert_close(freq, probs, rtol=0, atol=0.01)
+    assert freq[1] == 0 and freq[5] == 0  # zero-mass classes are never drawn
+    assert torch.equal(z, sample_categorical_icdf(log_p, torch.Generator().manual_seed(0)))
 
 
 def test_invalid_arguments_are_rejected():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from g2d2.noise.vq_schedule import sample_categorical, top_p_filter, uniform
+from g2d2.noise.vq_schedule import sample_categorical_icdf, top_p_filter, uniform
 
 if TYPE_CHECKING:
     from g2d2.priors.base import DiscretePrior
@@ -78,7 +78,7 @@ class StarShaped:
         batch, k, n = log_q_x0.shape
         device = log_q_x0.device
         # 1. z0 ~ Cat(top-p(alpha*)), one full clean sample per image
-        z = sample_categorical(top_p_filter(log_q_x0, self.top_p), generator)  # (B, N)
+        z = sample_categorical_icdf(top_p_filter(log_q_x0, self.top_p), generator)  # (B, N)
         if s < 0:
             return z
         # 2. uniform replacement of q(z_s | z0): prob. K beta_bar_s / (1 - gamma_bar_s) per token

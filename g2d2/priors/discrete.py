@@ -144,6 +144,8 @@ class VQDiffusionPrior(DiscretePrior):
                 cond = self._embed_text(prompt)
             uncond = uncond.to(dtype)
             cond = cond.to(dtype) if cond is not None else None
+            # the prompt is fixed: free the text encoder instead of holding it on the device
+            self.text_encoder = self.tokenizer = None
         self.register_buffer("cond_embedding", cond, persistent=False)  # (1, L, D) or None
         self.register_buffer("uncond_embedding", uncond, persistent=False)  # (1, L, D) or None
 
