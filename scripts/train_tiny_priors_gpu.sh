@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One-shot training of the embedded tiny priors on one GPU (about 5 minutes of wall time):
+#   1. preflight: every stage with --tiny models on CUDA, export included (~30 s), so a CUDA-only
+#      bug stops the run before the real budget is spent;
+#   2. two processes on the same GPU: vq -> transformer, and ddpm (independent);
+#   3. unconditional samples of both priors (PNG grids);
+#   4. results packed for the trip back (the device returns at most 8 files of 16 MB each):
+#      $OUT/tiny_vq_vqvae.tar (vqvae + scheduler), $OUT/tiny_vq_transformer.tar, $OUT/tiny_ddpm.tar,
+#      $OUT/train_vq.log, $OUT/train_ddpm.log, $OUT/samples_tiny_vq.png, $OUT/samples_tiny_ddpm.png.
+# Unpack here with: for f in <files_at>/*.tar; do tar -xf "$f" -C g2d2/priors/weights; done
+# Budgets (minutes of training per stage) can be overridden: MIN_VQ=2 MIN_TR=1.5 MIN_DDPM=3.7 bash ...
+# (DEVICE=cpu EXTRA=--tiny with small MIN_* runs the same steps on a CPU, to check this script.)
+set -uo pipefail
+DEVICE=${DEVICE:-cuda}
+EXTRA=${EXTRA:-}
+OUT=${OUT:-/tmp/tiny_out}
+MIN_VQ=${MIN_VQ:-1.8}
+MIN_TR=${MIN_TR:-1.5}
+MIN_DDPM=${MIN_DDPM:-3.6}
+W=${W:-/tmp/tiny_weights}
+WD=${WD:-/tmp/tiny_work}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers" 2>/dev/null; then  # carried as wheels in .whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+python3 -c "import torch, diffusers, skimage, sklearn; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'skimage', skimage.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+echo "== 1. preflight $(date +%T)"
+python3 scripts/train_tiny_priors.py --stage all --tiny --device "$DEVICE" --minutes-vq 0.05 --minutes-transformer 0.05 \
+  --minutes-ddpm 0.05 --out /tmp/preflight --work-dir /tmp/preflight_work > /tmp/preflight.log 2>&1
+rc=$?
+grep -E "\] (setup|done)" /tmp/preflight.log | cut -c1-220
+if [ $rc -ne 0 ]; then tail -n 60 /tmp/preflight.log; echo "PREFLIGHT FAILED (rc $rc)"; exit 1; fi
+
+echo "== 2. training $(date +%T): vq ${MIN_VQ} + transformer ${MIN_TR} min | ddpm ${MIN_DDPM} min"
+python3 scripts/train_tiny_priors.py --stage vq,transformer --device "$DEVICE" --minutes-vq "$MIN_VQ" \
+  --minutes-transformer "$MIN_TR" --out "$W" --work-dir "$WD" --seed 0 $EXTRA > "$OUT/train_vq.log" 2>&1 &
+pid_vq=$!
+python3 scripts/train_tiny_priors.py --stage ddpm --device "$DEVICE" --minutes-ddpm "$MIN_DDPM" --out "$W" \
+  --work-dir "$WD" --seed 0 $EXTRA > "$OUT/train_ddpm.log" 2>&1 &
+pid_ddpm=$!
+wait $pid_vq; rc_vq=$?
+wait $pid_ddpm; rc_ddpm=$?
+grep -E "\] (setup|done)|Error|error" "$OUT/train_vq.log" "$OUT/train_ddpm.log" | cut -c1-400
+[ $rc_vq -ne 0 ] && tail -n 40 "$OUT/train_vq.log"
+[ $rc_ddpm -ne 0 ] && tail -n 40 "$OUT/train_ddpm.log"
+
+echo "== 3. samples $(date +%T)"
+python3 scripts/sample_priors.py --weights "$W" --device "$DEVICE" --num 16 --seed 0 --out-dir "$OUT" 2>&1 | grep -v Warn
+
+echo "== 4. pack $(date +%T)"
+[ -d "$W/tiny_vq/vqvae" ] && tar -cf "$OUT/tiny_vq_vqvae.tar" -C "$W" tiny_vq/vqvae tiny_vq/scheduler
+[ -d "$W/tiny_vq/transformer" ] && tar -cf "$OUT/tiny_vq_transformer.tar" -C "$W" tiny_vq/transformer
+[ -d "$W/tiny_ddpm/unet" ] && tar -cf "$OUT/tiny_ddpm.tar" -C "$W" tiny_ddpm
+ls -la "$OUT"
+echo "rc vq,transformer=$rc_vq ddpm=$rc_ddpm $(date +%T)"
+exit $(( rc_vq || rc_ddpm ))
