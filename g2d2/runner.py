@@ -29,7 +29,7 @@ from g2d2.tracking import measure_cost
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-GROUPS = ("method", "prior", "task", "noise_schedule", "solver", "setting", "data", "logger", "experiment")
+GROUPS = ("method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment")
 #: config keys that may differ between an interrupted run and its resumption
 RESUME_FREE_KEYS = ("resume", "progress", "logger", "device")
 
@@ -147,10 +147,14 @@ def run(
     (output_dir / "images").mkdir(exist_ok=True)
     (output_dir / "operators").mkdir(exist_ok=True)
 
-    todo = [i for i in range(len(data)) if i not in done]
     if done:
         logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
-    batches = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+    # batches are fixed by (dataset, batch_size), not by what is left: a resumed run solves a partly
+    # finished batch again with its own generator and writes only its missing images, so its numbers
+    # equal those of an uninterrupted run
+    indices = list(range(len(data)))
+    batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
+    batches = [batch for batch in batches if not done.issuperset(batch)]
     for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
         names, images = zip(*(data[i] for i in batch), strict=True)
         x = torch.stack(images).to(device)
@@ -180,6 +184,8 @@ def run(
 
             save_file(state, str(output_dir / "operators" / f"{batch[0]:05d}.safetensors"))
         for j, (index, name) in enumerate(zip(batch, names, strict=True)):
+            if index in done:
+                continue  # finished before an interruption inside this batch
             record = {
                 "index": index,
                 "name": name,

@@ -181,10 +181,13 @@ def test_wrong_inputs_are_clear_errors():
 def test_configs_instantiate(schedule):
     from conftest import compose_config
 
-    cfg = compose_config(["solver=g2d2", f"noise_schedule={schedule}"])
+    cfg = compose_config(["solver=g2d2", "prior=vq_diffusion_ithq", f"noise_schedule={schedule}"])
     solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
     assert isinstance(solver, G2D2) and isinstance(solver.noise_schedule, (StarShaped, MarkovPosterior))
-    assert (solver.num_steps, solver.inner_iters, solver.kappa) == (100, 30, 0.3)
+    assert (solver.num_steps, solver.inner_iters, solver.kappa) == (100, 30, 0.3)  # the paper's values
+    # the embedded tiny prior gets a CPU-sized budget (conf/prior_setting/g2d2_tiny_vq.yaml)
+    tiny = compose_config(["solver=g2d2", "prior=tiny_vq", f"noise_schedule={schedule}"])
+    assert (tiny.solver.num_steps, tiny.solver.inner_iters, tiny.batch_size) == (10, 20, 4)
 
 
 @pytest.mark.parametrize("name, lr0, w, guidance", [

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from g2d2.operators import (
     BoxInpainting,
@@ -241,21 +240,10 @@ def test_measure(name: str) -> None:
 
 
 def _compose_task(task: str, image_size: int = 64):
-    """Compose config.yaml with task=<task>; groups whose default file does not exist yet are dropped."""
-    root = OmegaConf.load(CONF_DIR / "config.yaml")
-    overrides = [f"task={task}"]
-    for entry in root.defaults:
-        if isinstance(entry, str) or "task" in entry:
-            continue
-        (group, choice), = entry.items()
-        if not (CONF_DIR / group / f"{choice}.yaml").exists():
-            overrides.append(f"~{group}")
-            if group == "data":
-                overrides.append(f"+data.image_size={image_size}")
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra.compose("config", overrides=overrides)
-    cfg.data.image_size = image_size
-    return cfg
+    """Compose the real config.yaml with task=<task> at the given image size."""
+    from conftest import compose_config
+
+    return compose_config([f"task={task}", f"data.image_size={image_size}"])
 
 
 @pytest.mark.parametrize("task", TASKS)
