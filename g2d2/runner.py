@@ -29,7 +29,9 @@ from g2d2.tracking import measure_cost
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-GROUPS = ("method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment")
+GROUPS = (
+    "method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment",
+)
 #: config keys that may differ between an interrupted run and its resumption
 RESUME_FREE_KEYS = ("resume", "progress", "logger", "device")
 
