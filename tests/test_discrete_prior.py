@@ -20,12 +20,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 PROMPT = "a photo of a cat"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

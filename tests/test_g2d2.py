@@ -25,12 +25,7 @@ TOY = dict(num_steps=10, inner_iters=30, lr0=2.0, lr_decay_w=2.0, kl_weight0=0.1
 PROCESSES = [StarShaped, MarkovPosterior]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_prior() -> FactorisedToyPrior:

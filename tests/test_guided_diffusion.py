@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from pixel_toys import one_thread  # noqa: F401 - autouse fixture
 from torch import nn
 
 from g2d2.noise.ddpm import ddpm_chain, linear_betas
@@ -30,6 +29,8 @@ from g2d2.priors.guided_diffusion import (
     load_adm_unet,
 )
 from g2d2.priors.pixel import DDPMPrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GDResBlock(nn.Module):

@@ -24,13 +24,7 @@ from g2d2.noise.vq_schedule import (
 NAMES = ("log_cumprod_at", "log_cumprod_bt", "log_cumprod_ct", "log_at", "log_bt", "log_ct")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread start-up dominates and makes timings erratic on 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_prior(num_codes: int, num_timesteps: int, num_tokens: int = 16, **schedule) -> SimpleNamespace:

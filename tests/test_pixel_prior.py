@@ -10,7 +10,6 @@ import torch
 from conftest import compose_config
 from diffusers import DDPMScheduler, UNet2DModel
 from hydra.utils import instantiate
-from pixel_toys import one_thread  # noqa: F401 - autouse fixture
 from safetensors.torch import load_file, save_file
 
 from g2d2.noise.ddpm import DDPMTimesteps, ddpm_chain, linear_betas
@@ -18,6 +17,8 @@ from g2d2.priors.checkpoints import EMBEDDED_DIR, CheckpointError
 from g2d2.priors.pixel import DDPMPrior
 from g2d2.solvers.dps import DPS, respaced_log_variance
 from g2d2.solvers.red_diff import REDDiff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Identity16:

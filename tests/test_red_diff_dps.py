@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pixel_toys import one_thread  # noqa: F401 - autouse fixture
 
 from g2d2.noise.ddpm import DDPMTimesteps, ddpm_chain, linear_betas
 from g2d2.operators.base import LinearOperator
@@ -21,6 +20,8 @@ from g2d2.priors.base import PixelPrior
 from g2d2.solvers.base import NonFiniteError
 from g2d2.solvers.dps import DPS
 from g2d2.solvers.red_diff import REDDiff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE, SIGMA = 8, 0.05
 

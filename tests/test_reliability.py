@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_same_command_gives_bit_identical_results(runs):
         assert config_a == config_b
         # provenance: versions and the git commit of the checkout
         environment = strict_json(job_a / "summary.json")["environment"]
-        assert environment["versions"]["torch"] == torch.__version__
+        assert environment["versions"]["torch"] == metadata.version("torch")
         assert all(environment["versions"][p] for p in ("g2d2", "diffusers", "hydra-core", "lpips"))
         assert environment["torch_threads"] == 1
         assert "git_commit" in environment
