@@ -144,6 +144,12 @@ class DDPMPrior(PixelPrior):
                 f"{'a learned-range' if self.learned_variance else 'a fixed'} variance (2x / 1x the input channels)"
             )
         self.image_size = int(image_size or trained_size)
+        factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image size {self.image_size} px is not divisible by the UNet's downsampling factor {factor} "
+                f"({path}); use a multiple of {factor}, e.g. data.image_size={trained_size or factor * 8}"
+            )
         if trained_size and self.image_size != trained_size:
             logger.warning("prior %s was trained at %s px but runs at %d px", path, trained_size, self.image_size)
         # float64 schedule on the CPU, deliberately not buffers (module.to(dtype) must not round them)
