@@ -93,6 +93,19 @@ def expected_setting(solver: str, task: str) -> dict[str, float]:
     return {}
 
 
+#: CPU budgets of the embedded tiny priors (conf/prior_setting/), applied after the per-task settings
+TINY_BUDGETS = {
+    ("g2d2", "tiny_vq"): {"num_steps": 10, "inner_iters": 20},
+    ("dps", "tiny_ddpm"): {"num_steps": 100, "scale": 10.0},
+    ("red_diff", "tiny_ddpm"): {"num_steps": 100, "lr": 0.1},
+}
+
+
+def expected_solver_values(solver: str, prior: str | None, task: str) -> dict[str, float]:
+    """Per-task settings, overridden by the tiny-prior budget where there is one."""
+    return {**expected_setting(solver, task), **TINY_BUDGETS.get((solver, prior), {})}
+
+
 # ---------------------------------------------------------------------------------------------- configs
 
 
@@ -102,14 +115,18 @@ def test_method_group_has_exactly_the_known_methods():
 
 def test_root_config_picks_per_task_settings():
     """conf/config.yaml must hold `- optional setting: ${solver}_${task}` after _self_ (see conf/setting/)."""
-    cfg = compose_config(["solver=dps", "task=inpaint_box", "prior=tiny_ddpm"], return_hydra_config=True)
+    cfg = compose_config(["solver=dps", "task=inpaint_box", "prior=adm_ffhq"], return_hydra_config=True)
     assert cfg.hydra.runtime.choices.get("setting") == "dps_inpaint_box", (
         "conf/config.yaml lacks the defaults entry `- optional setting: ${solver}_${task}` (after _self_)"
     )
     assert cfg.solver.scale == 0.5
-    assert compose_config(["solver=dps", "task=sr4", "prior=tiny_ddpm"]).solver.scale == 0.3
+    assert compose_config(["solver=dps", "task=sr4", "prior=adm_ffhq"]).solver.scale == 0.3
     # a command-line value still wins over the setting
-    assert compose_config(["solver=dps", "task=inpaint_box", "prior=tiny_ddpm", "solver.scale=1.5"]).solver.scale == 1.5
+    assert compose_config(["solver=dps", "task=inpaint_box", "prior=adm_ffhq", "solver.scale=1.5"]).solver.scale == 1.5
+    # the tiny prior's CPU budget (conf/prior_setting/dps_tiny_ddpm.yaml) comes after the per-task setting
+    tiny = compose_config(["solver=dps", "task=inpaint_box", "prior=tiny_ddpm"], return_hydra_config=True)
+    assert tiny.hydra.runtime.choices.get("prior_setting") == "dps_tiny_ddpm"
+    assert (tiny.solver.scale, tiny.solver.num_steps, tiny.batch_size) == (10.0, 100, 4)
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
@@ -128,7 +145,7 @@ def test_every_job_of_every_table_composes_with_the_paper_settings(experiment):
         assert choices.get("noise_schedule") == schedule, where
         assert cfg.experiment_name == experiment and cfg.lpips_net == lpips_net and cfg.seed == 0, where
         assert cfg.task.sigma == 0.05 and cfg.task.name == cell["task"], where
-        for key, value in expected_setting(solver, cell["task"]).items():
+        for key, value in expected_solver_values(solver, prior, cell["task"]).items():
             assert cfg.solver[key] == value, (where, key, "per-task setting not applied: is the root line there?")
         if cell["method"] == "g2d2_ffhq":
             assert cfg.prior.prompt == "a high-quality headshot of a person" and cfg.precision == "fp16"
