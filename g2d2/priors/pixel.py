@@ -168,9 +168,9 @@ class DDPMPrior(PixelPrior):
             path, self.image_size, self.num_train_timesteps, self.prediction_type, self.learned_variance,
         )
 
-    def _per_sample(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] as a (B, 1, 1, 1) float32 tensor on like's device."""
-        return values[t.cpu()].to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    def _per_sample(self, values: torch.Tensor, t_cpu: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] as a (B, 1, 1, 1) float32 tensor on like's device (t on the CPU: no host sync)."""
+        return values[t_cpu].to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(eps, log_variance | None), both (B, 3, H, W) float32; differentiable w.r.t. x_t.
@@ -180,12 +180,14 @@ class DDPMPrior(PixelPrior):
             t: one timestep in [0, T) for the batch, or a (B,) tensor of them.
         """
         b = x_t.shape[0]
-        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).to(x_t.device).expand(b)
-        out = self.unet(x_t.to(self.dtype), t).sample.float()  # (B, C or 2C, H, W)
+        # the schedule tables live on the CPU: index them with a CPU copy of t (solvers pass ints or
+        # CPU tensors, so this never waits for the device)
+        t_cpu = torch.as_tensor(t, dtype=torch.long, device="cpu").reshape(-1).expand(b)
+        out = self.unet(x_t.to(self.dtype), t_cpu.to(x_t.device)).sample.float()  # (B, C or 2C, H, W)
         c = x_t.shape[1]
         pred, v = (out[:, :c], out[:, c:]) if self.learned_variance else (out, None)
         if self.prediction_type != "epsilon":
-            ab = self._per_sample(self.alphas_cumprod, t, x_t)
+            ab = self._per_sample(self.alphas_cumprod, t_cpu, x_t)
             if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1 - ab) x0
                 pred = (1 - ab).sqrt() * x_t + ab.sqrt() * pred
             else:  # "sample": the network predicts x0
@@ -193,8 +195,8 @@ class DDPMPrior(PixelPrior):
         if v is None:
             return pred, None
         frac = (v + 1) / 2
-        log_var = frac * self._per_sample(self._log_beta, t, x_t) + (1 - frac) * self._per_sample(
-            self._log_beta_tilde, t, x_t
+        log_var = frac * self._per_sample(self._log_beta, t_cpu, x_t) + (1 - frac) * self._per_sample(
+            self._log_beta_tilde, t_cpu, x_t
         )
         return pred, log_var
 
