@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from g2d2 import metrics as quality
-from g2d2.priors.base import DiscretePrior, PixelPrior
+from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
 from g2d2.provenance import environment_info
 from g2d2.results import MetricsFile, summarize, write_json_atomic
 from g2d2.solvers.base import NonFiniteError, check_finite
@@ -28,7 +28,6 @@ from g2d2.tracking import measure_cost
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 GROUPS = (
     "method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment",
 )
@@ -60,7 +59,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.task.sigma < 0:
         raise ConfigError(f"task.sigma must be >= 0 (noise std on the [-1, 1] scale), got {cfg.task.sigma}")
     if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        raise ConfigError(f"precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
 

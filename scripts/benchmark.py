@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from g2d2.priors.base import PRECISIONS as PRIOR_PRECISIONS
 from g2d2.solvers.base import NonFiniteError
 from g2d2.tracking import measure_cost, peak_rss_mb
 
@@ -72,7 +73,7 @@ SOLVERS = {
     "pinv": ("g2d2.solvers.pinv.PseudoInverse", None, None),
 }
 NOISE_SCHEDULES = {"star": "g2d2.noise.star.StarShaped", "ddpm": "g2d2.noise.ddpm.DDPMTimesteps"}
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = tuple(PRIOR_PRECISIONS)
 
 
 class StopSolve(Exception):

@@ -94,6 +94,17 @@ class PixelPrior(nn.Module):
         raise NotImplementedError
 
 
+#: the `precision` option of every prior: the dtype its networks run in (logits and losses stay fp32)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """torch dtype of a `precision` name; a clear ValueError listing the accepted names otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Put a network in eval mode with all parameters frozen; returns it."""
     module.eval()

@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.vq_schedule import vq_diffusion_schedules
-from g2d2.priors.base import DiscretePrior, freeze
+from g2d2.priors.base import DiscretePrior, freeze, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REQUIRED = ("vqvae", "transformer", "scheduler")
 LAYOUT = (
     "vqvae/, transformer/, scheduler/ (required), text_encoder/ + tokenizer/ (for a prompt), "
@@ -88,11 +87,9 @@ class VQDiffusionPrior(DiscretePrior):
         from diffusers import Transformer2DModel, VQDiffusionScheduler, VQModel
         from diffusers.utils import is_accelerate_available
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        dtype = precision_dtype(precision)
         if guidance_scale != 1.0 and not prompt:
             raise ValueError(f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt or guidance 1")
-        dtype = PRECISIONS[precision]
         root = resolve_checkpoint(path, allow_download=allow_download)
         if not root.is_dir():
             raise CheckpointError(f"VQ-Diffusion checkpoint {root} is not a folder; expected layout: {LAYOUT}")

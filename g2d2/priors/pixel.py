@@ -27,13 +27,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from g2d2.noise.ddpm import ddpm_chain, linear_betas
-from g2d2.priors.base import PixelPrior, freeze
+from g2d2.priors.base import PixelPrior, freeze, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 from g2d2.priors.guided_diffusion import load_adm_unet
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _LAYOUTS = (
     "expected one of: a diffusers folder with unet/config.json + unet/diffusion_pytorch_model.safetensors "
@@ -116,8 +115,7 @@ class DDPMPrior(PixelPrior):
         precision: str = "fp32",
     ) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        dtype = precision_dtype(precision)
         local = resolve_checkpoint(path, allow_download=allow_download)
         if local.is_file():
             if local.suffix not in (".pt", ".pth"):
@@ -158,7 +156,7 @@ class DDPMPrior(PixelPrior):
         chain = ddpm_chain(self.alphas_cumprod)
         self._log_beta = chain.betas.log()
         self._log_beta_tilde = chain.posterior_log_variance_clipped
-        self.dtype = PRECISIONS[precision]
+        self.dtype = dtype
         self.unet.to(device)
         if self.unet.dtype != self.dtype:
             self.unet.to(self.dtype)
