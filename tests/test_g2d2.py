@@ -197,3 +197,13 @@ def test_paper_experiments_compose(name, lr0, w, guidance):
     assert (cfg.solver.lr0, cfg.solver.lr_decay_w, cfg.prior.guidance_scale) == (lr0, w, guidance)
     assert cfg.data.image_size == 256 and cfg.lpips_net == "vgg" and cfg.experiment_name == name
     assert instantiate(cfg.noise_schedule).__class__ is MarkovPosterior
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+def test_steps_do_not_draw_from_the_cpu_generator(process):
+    # Gumbel noise and re-noising come from one device generator seeded by a single CPU draw
+    prior, op, y, *_ = toy_problem(torch.ones(2, 2))
+    generator, reference = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    G2D2(process(), num_steps=4, inner_iters=3).solve(prior, op, y, generator)
+    torch.randint(0, 2**62, (1,), generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())

@@ -172,5 +172,15 @@ def test_nan_is_reported(make) -> None:
     prior, op, _, y, _, _ = gaussian_problem("inpaint")
     prior.eps = lambda x_t, t: torch.full_like(x_t, float("nan"))
     prior.predict = lambda x_t, t: (prior.eps(x_t, t), None)
-    with pytest.raises(NonFiniteError, match="step 0"):
+    with pytest.raises(NonFiniteError, match="between steps 0 and 4"):
         make().solve(prior, op, y, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("make", [lambda: REDDiff(num_steps=6), lambda: DPS(num_steps=6)])
+def test_per_step_noise_is_not_drawn_from_the_cpu_generator(make) -> None:
+    # the solve takes one seed from the CPU generator and draws every step's noise on the solve's device
+    prior, op, _, y, _, _ = gaussian_problem("inpaint")
+    generator, reference = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    make().solve(prior, op, y, generator=generator)
+    torch.randint(0, 2**62, (1,), generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 
 class DiscretePrior(nn.Module):
@@ -111,3 +112,24 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def enable_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on diffusers' gradient checkpointing in every block of `model` that implements it.
+
+    Activations of those blocks are recomputed during the backward pass instead of stored: less
+    memory for the solvers that differentiate through the network (DPS through the UNet, G2D2
+    through the VQ decoder) at the cost of a second forward; gradients are unchanged. Non-reentrant
+    torch checkpointing, so gradients reach the input even though the weights are frozen. (VQModel
+    does not advertise support, but its decoder blocks implement it: the mixin's setter is used.)
+    """
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not isinstance(model, ModelMixin):
+        raise TypeError(f"gradient checkpointing needs a diffusers model, got {type(model).__name__}")
+
+    def checkpoint(module: nn.Module, *args):  # noqa: ANN202 - what the blocks call
+        return torch_checkpoint(module.__call__, *args, use_reentrant=False)
+
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpoint)
+    return model

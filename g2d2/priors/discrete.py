@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.vq_schedule import vq_diffusion_schedules
-from g2d2.priors.base import DiscretePrior, freeze, precision_dtype
+from g2d2.priors.base import DiscretePrior, enable_checkpointing, freeze, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class VQDiffusionPrior(DiscretePrior):
         device: where the networks live.
         precision: "fp32" | "fp16" | "bf16" for the networks; codebook, logits and decode
             outputs stay float32.
+        gradient_checkpointing: recompute the VQ decoder's block activations in the backward pass of
+            the relaxed decode (less memory for G2D2; same gradients, slower).
     Raises:
         CheckpointError: a missing/unloadable component, named.
         ValueError: bad precision, or guidance without a prompt.
@@ -82,6 +84,7 @@ class VQDiffusionPrior(DiscretePrior):
         allow_download: bool = False,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import Transformer2DModel, VQDiffusionScheduler, VQModel
@@ -114,6 +117,7 @@ class VQDiffusionPrior(DiscretePrior):
         self.image_size = self.token_shape[0] * down
         cfg = scheduler.config
         self.num_timesteps = int(cfg.num_train_timesteps)
+        self._timestep_ids_on: dict[str, torch.Tensor] = {}
         for name, value in vq_diffusion_schedules(
             self.num_timesteps, self.num_codes, cfg.alpha_cum_start, cfg.alpha_cum_end,
             cfg.gamma_cum_start, cfg.gamma_cum_end,
@@ -151,6 +155,8 @@ class VQDiffusionPrior(DiscretePrior):
         self.register_buffer("codebook", codebook, persistent=False)
         freeze(self.vqvae)
         freeze(self.transformer)
+        if gradient_checkpointing:
+            enable_checkpointing(self.vqvae)
         self.to(device)
         logger.info(
             "VQ-Diffusion prior from %s: K=%d codes, tokens %s, T=%d, prompt=%r, guidance=%g, %s",
@@ -187,7 +193,8 @@ class VQDiffusionPrior(DiscretePrior):
     def log_p_x0(self, tokens_t: torch.Tensor, t: int) -> torch.Tensor:
         """log p_theta(z0 | z_t) with classifier-free guidance; (B, N) long -> (B, K, N) float32."""
         batch = tokens_t.shape[0]
-        timestep = torch.tensor(int(t), dtype=torch.long, device=tokens_t.device)  # one per batch (ada_norm)
+        # one timestep per batch (ada_norm), a view of a device table: no host-to-device copy per step
+        timestep = self._timestep_ids(tokens_t.device)[int(t)]
         if self.uncond_embedding is None:
             # 1. unconditional transformer: no text input at all
             logits = self.transformer(tokens_t, timestep=timestep).sample
@@ -204,6 +211,13 @@ class VQDiffusionPrior(DiscretePrior):
             logits = l_u + self.guidance_scale * (l_c - l_u)
         logits = logits.float()
         return (logits - torch.logsumexp(logits, dim=1, keepdim=True)).clamp(min=LOG_CLAMP)
+
+    def _timestep_ids(self, device: torch.device) -> torch.Tensor:
+        """arange(T) on `device`, made once per device."""
+        key = str(device)
+        if key not in self._timestep_ids_on:
+            self._timestep_ids_on[key] = torch.arange(self.num_timesteps, device=device)
+        return self._timestep_ids_on[key]
 
     # ---------------------------------------------------------------- VQ decoder / encoder
     def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from g2d2.noise.ddpm import ddpm_chain, linear_betas
-from g2d2.priors.base import PixelPrior, freeze, precision_dtype
+from g2d2.priors.base import PixelPrior, enable_checkpointing, freeze, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 from g2d2.priors.guided_diffusion import load_adm_unet
 
@@ -102,6 +102,8 @@ class DDPMPrior(PixelPrior):
         allow_download: let a missing Hugging Face id be downloaded.
         device: where the network runs.
         precision: "fp32" | "fp16" | "bf16": dtype of the network; inputs and outputs stay float32.
+        gradient_checkpointing: recompute the UNet's block activations in the backward pass (less
+            memory for DPS, which differentiates through the network; same gradients, slower).
     Raises:
         CheckpointError: a wrong or missing path, an unknown layout or mismatched weights.
     """
@@ -113,6 +115,7 @@ class DDPMPrior(PixelPrior):
         allow_download: bool = False,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         dtype = precision_dtype(precision)
@@ -156,19 +159,35 @@ class DDPMPrior(PixelPrior):
         chain = ddpm_chain(self.alphas_cumprod)
         self._log_beta = chain.betas.log()
         self._log_beta_tilde = chain.posterior_log_variance_clipped
+        self._tables_on: dict[str, dict[str, torch.Tensor]] = {}  # device -> float32 copies (see _tables)
         self.dtype = dtype
         self.unet.to(device)
         if self.unet.dtype != self.dtype:
             self.unet.to(self.dtype)
         freeze(self)
+        if gradient_checkpointing:
+            enable_checkpointing(self.unet)
         logger.info(
             "DDPM prior %s: %d px, T=%d, %s, learned variance %s",
             path, self.image_size, self.num_train_timesteps, self.prediction_type, self.learned_variance,
         )
 
-    def _per_sample(self, values: torch.Tensor, t_cpu: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] as a (B, 1, 1, 1) float32 tensor on like's device (t on the CPU: no host sync)."""
-        return values[t_cpu].to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The timestep ids and schedule tables as tensors on `device` (float32), made once per device.
+
+        Indexing these with a Python int is a view on the device: a sampling step copies nothing from
+        the host (a host-to-device copy from pageable memory synchronises the CUDA stream).
+        """
+        key = str(device)
+        if key not in self._tables_on:
+            f32 = {"device": device, "dtype": torch.float32}
+            self._tables_on[key] = {
+                "t": torch.arange(self.num_train_timesteps, device=device),
+                "alphas_cumprod": self.alphas_cumprod.to(**f32),
+                "log_beta": self._log_beta.to(**f32),
+                "log_beta_tilde": self._log_beta_tilde.to(**f32),
+            }
+        return self._tables_on[key]
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(eps, log_variance | None), both (B, 3, H, W) float32; differentiable w.r.t. x_t.
@@ -178,14 +197,19 @@ class DDPMPrior(PixelPrior):
             t: one timestep in [0, T) for the batch, or a (B,) tensor of them.
         """
         b = x_t.shape[0]
-        # the schedule tables live on the CPU: index them with a CPU copy of t (solvers pass ints or
-        # CPU tensors, so this never waits for the device)
-        t_cpu = torch.as_tensor(t, dtype=torch.long, device="cpu").reshape(-1).expand(b)
-        out = self.unet(x_t.to(self.dtype), t_cpu.to(x_t.device)).sample.float()  # (B, C or 2C, H, W)
+        tables = self._tables(x_t.device)
+        # an int t indexes the device tables (a view, no copy); a tensor t is moved once
+        index = torch.as_tensor(t, dtype=torch.long).reshape(-1).to(x_t.device) if torch.is_tensor(t) else int(t)
+
+        def per_sample(name: str) -> torch.Tensor:  # (B or 1, 1, 1, 1) float32 on x_t's device
+            return tables[name][index].reshape(-1, 1, 1, 1)
+
+        timesteps = tables["t"][index].expand(b)
+        out = self.unet(x_t.to(self.dtype), timesteps).sample.float()  # (B, C or 2C, H, W)
         c = x_t.shape[1]
         pred, v = (out[:, :c], out[:, c:]) if self.learned_variance else (out, None)
         if self.prediction_type != "epsilon":
-            ab = self._per_sample(self.alphas_cumprod, t_cpu, x_t)
+            ab = per_sample("alphas_cumprod")
             if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1 - ab) x0
                 pred = (1 - ab).sqrt() * x_t + ab.sqrt() * pred
             else:  # "sample": the network predicts x0
@@ -193,9 +217,7 @@ class DDPMPrior(PixelPrior):
         if v is None:
             return pred, None
         frac = (v + 1) / 2
-        log_var = frac * self._per_sample(self._log_beta, t_cpu, x_t) + (1 - frac) * self._per_sample(
-            self._log_beta_tilde, t_cpu, x_t
-        )
+        log_var = frac * per_sample("log_beta") + (1 - frac) * per_sample("log_beta_tilde")
         return pred, log_var
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:

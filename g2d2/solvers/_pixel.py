@@ -31,5 +31,7 @@ def check_prior(solver: object, prior: object) -> PixelPrior:
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the CPU from `generator`, moved to x's device."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    """Standard normal noise shaped like x, drawn with `generator` on its own device (the solvers pass a
+    generator on x's device, so nothing is copied from the host), in x's dtype and device."""
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device=x.device, dtype=x.dtype)

@@ -6,8 +6,15 @@ instantiated `noise_schedule` object, and then solves one batch at a time:
     x_hat = solver.solve(prior, operator, y, generator=g, progress=True)
 
 It receives everything it needs as arguments (dependency injection): it never reads the global
-config, writes files or plots. All its randomness comes from `generator` (a CPU torch.Generator;
-draw on the CPU and move, so numbers do not depend on the device).
+config, writes files or plots. All its randomness comes from `generator` (a CPU torch.Generator):
+a solver draws one seed from it and makes the generator of its per-step draws on the device it
+solves on (`device_generator`), so a step never draws on the CPU and copies to the GPU (a copy from
+pageable host memory synchronises the stream). Results are deterministic under the seed on a given
+device; CPU and CUDA runs draw different numbers.
+
+Inside the step loop a solver reads nothing back from the device: schedule values are Python floats
+computed before the loop, and NaN/Inf checks go through `FiniteGuard`, which synchronises only every
+`every` steps.
 """
 
 from __future__ import annotations
@@ -47,6 +54,52 @@ class Solver:
             (B, C, H, W) reconstruction in [-1, 1].
         """
         raise NotImplementedError
+
+
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` seeded by one draw from the CPU `generator` (advances it by one draw)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class FiniteGuard:
+    """NaN/Inf check of a loop's iterate that synchronises with the device only every `every` steps.
+
+    `update(x, step)` folds `isfinite(x).all()` into a flag kept on x's device (no host sync); every
+    `every` steps, and at `finish()`, the flag is read once and a NonFiniteError names the window of
+    steps in which the iterate became NaN/Inf (a NaN iterate stays NaN in these solvers).
+
+    Args:
+        what: what is checked, for the message.
+        every: steps between host reads of the flag (1 = check every step).
+    """
+
+    def __init__(self, what: str, every: int = 25) -> None:
+        if every < 1:
+            raise ValueError(f"FiniteGuard needs every >= 1, got {every}")
+        self.what, self.every = what, int(every)
+        self._flag: torch.Tensor | None = None
+        self._first = self._last = None  # steps folded into the flag since the last read
+
+    def update(self, x: torch.Tensor, step: int) -> None:
+        ok = torch.isfinite(x.detach()).all()
+        self._flag = ok if self._flag is None else self._flag & ok
+        self._first = step if self._first is None else self._first
+        self._last = step
+        if (step + 1) % self.every == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        """Read the flag (one host sync) and raise if any folded step was not finite."""
+        if self._flag is None:
+            return
+        ok, first, last = bool(self._flag), self._first, self._last
+        self._flag = self._first = self._last = None
+        if not ok:
+            where = f"at step {first}" if first == last else f"between steps {first} and {last}"
+            raise NonFiniteError(
+                f"{self.what} became NaN/Inf {where}; lower the learning rate / step size or check the prior"
+            )
 
 
 def check_finite(x: torch.Tensor, what: str, step: int | None = None) -> None:

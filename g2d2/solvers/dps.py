@@ -12,13 +12,15 @@ back-propagated through the network (memory: one forward + backward pass).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from g2d2.noise.ddpm import DDPMChain, ddpm_chain
 from g2d2.operators.base import LinearOperator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import Solver, check_finite
+from g2d2.solvers.base import FiniteGuard, Solver, device_generator
 
 
 def respaced_log_variance(log_var: torch.Tensor, t: int, full: DDPMChain, chain: DDPMChain, i: int) -> torch.Tensor:
@@ -46,6 +48,8 @@ class DPS(Solver):
     """
 
     prior_kind = "pixel"
+    #: steps between the host reads of the NaN/Inf flag (see FiniteGuard)
+    check_every = 25
 
     def __init__(self, noise_schedule: object | None = None, num_steps: int = 1000, scale: float = 0.3) -> None:
         if num_steps < 1 or scale < 0:
@@ -68,29 +72,37 @@ class DPS(Solver):
         chain = ddpm_chain(prior.alphas_cumprod, timesteps.flip(0))  # index i = position, ascending
         full = ddpm_chain(prior.alphas_cumprod)
         respaced = self.num_steps < T
+        # per-step scalars as Python floats, computed before the loop (nothing is read from the device in it)
+        ab, coef1, coef2 = (v.tolist() for v in (chain.alphas_cumprod, chain.posterior_mean_coef1,
+                                                 chain.posterior_mean_coef2))
+        fixed_log_var = chain.posterior_log_variance_clipped.tolist()
+        noise_gen = device_generator(generator, y.device)
+        guard = FiniteGuard("DPS sample x_t", self.check_every)
         shape = (y.shape[0], *operator.image_shape)
-        x = randn_like(torch.empty(shape, device=y.device), generator)  # x_T ~ N(0, I)
+        x = torch.randn(shape, generator=noise_gen, device=noise_gen.device).to(y.device)  # x_T ~ N(0, I)
         n = len(timesteps)
         for step, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="DPS", leave=False)):
             i = n - 1 - step
             x = x.detach().requires_grad_(True)
             eps, log_var = prior.predict(x, t)
             # 1. x0 estimate from the predicted noise, clamped to the image range
-            ab = chain.alphas_cumprod[i].item()
-            x0 = ((x - (1 - ab) ** 0.5 * eps) / ab**0.5).clamp(-1.0, 1.0)
+            x0 = ((x - (1 - ab[i]) ** 0.5 * eps) / ab[i] ** 0.5).clamp(-1.0, 1.0)
             # 2. gradient of the per-image residual norm ||y - A(x0_hat)||_2 w.r.t. x_t
             norms = (y - operator.forward(x0)).flatten(1).norm(dim=1)  # (B,)
             grad = torch.autograd.grad(norms.sum(), x)[0]
             with torch.no_grad():
                 # 3. ancestral step: x'_{t-1} ~ N(c1 x0 + c2 x_t, var), no noise at the last step
-                x_prev = chain.posterior_mean_coef1[i].item() * x0 + chain.posterior_mean_coef2[i].item() * x
+                x_prev = coef1[i] * x0 + coef2[i] * x
                 if i > 0:
                     if log_var is None:
-                        log_var = torch.full_like(x, chain.posterior_log_variance_clipped[i].item())
-                    elif respaced:
-                        log_var = respaced_log_variance(log_var, t, full, chain, i)
-                    x_prev = x_prev + (0.5 * log_var).exp() * randn_like(x_prev, generator)
+                        std = math.exp(0.5 * fixed_log_var[i])
+                    else:
+                        if respaced:
+                            log_var = respaced_log_variance(log_var, t, full, chain, i)
+                        std = (0.5 * log_var).exp()
+                    x_prev = x_prev + std * randn_like(x_prev, noise_gen)
                 # 4. measurement-consistency step
                 x = x_prev - self.scale * grad
-            check_finite(x, "DPS sample x_t", step)
+            guard.update(x, step)
+        guard.finish()
         return x.detach().clamp(-1.0, 1.0)

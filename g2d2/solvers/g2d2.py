@@ -16,12 +16,13 @@ Choices made here (documented deviations or readings of the reference):
   noise process jumps from t_i straight to t_{i+1} (exact kernel), and from t_{S-1} = 0 to z0.
 - KL uses log_softmax(alpha) (the true KL; the reference uses alpha itself, equal in value after
   renormalisation); summed over tokens; losses are summed over the batch (images independent).
-- Gumbel noise of the inner loop comes from a generator on the prior's device seeded once per solve
-  from the passed CPU generator: deterministic under that generator, without 3000 host-side draws
-  and copies per image, but the numbers differ between CPU and CUDA runs. The re-noising draws
-  (once per outer step) come from the CPU generator itself.
-- NaN/Inf are checked once per outer step on alpha* (a NaN in any inner iterate persists in alpha
-  through RAdam), so the inner loop has no host synchronisation.
+- Every draw of a solve (the inner loop's Gumbel noise and the re-noising) comes from one generator
+  on the solve's device seeded once from the passed CPU generator (`device_generator`):
+  deterministic under that generator, with no host-side draws and copies in the loop, but the
+  numbers differ between CPU and CUDA runs.
+- NaN/Inf: alpha* of every outer step is folded into a device-side flag (`FiniteGuard`; a NaN in any
+  inner iterate persists in alpha through RAdam) that is read every `check_every` outer steps and at
+  the end, so neither loop synchronises with the host in between.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from g2d2.noise.star import StarShaped
 from g2d2.noise.vq_schedule import gumbel
 from g2d2.operators.base import LinearOperator
 from g2d2.priors.base import DiscretePrior
-from g2d2.solvers.base import Solver, check_finite
+from g2d2.solvers.base import FiniteGuard, Solver, check_finite, device_generator
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class G2D2(Solver):
     """
 
     prior_kind = "discrete"
+    #: outer steps between the host reads of the NaN/Inf flag (see FiniteGuard)
+    check_every = 10
 
     def __init__(
         self,
@@ -122,9 +125,9 @@ class G2D2(Solver):
         device, batch = y.device, y.shape[0]
         times = self.timesteps(prior.num_timesteps)
         lrs, kl_weights = self.step_sizes(len(times))  # 4. log-linear lr_i and lambda_i schedules
-        # inner-loop noise: a device generator seeded from the CPU generator (see module docstring)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        inner_gen = torch.Generator(device=device).manual_seed(seed)
+        # every draw: a device generator seeded from the CPU generator (see module docstring)
+        step_gen = device_generator(generator, device)
+        guard = FiniteGuard("G2D2 variational logits alpha", self.check_every)
 
         # 0. start from the all-mask z_T
         tokens = torch.full((batch, prior.num_tokens), prior.mask_id, dtype=torch.long, device=device)
@@ -138,12 +141,13 @@ class G2D2(Solver):
             else:
                 init = torch.log_softmax(self.kappa * pi_t + (1.0 - self.kappa) * alpha_prev, dim=1)
             # 3. inner optimisation of the relaxed objective
-            alpha = self._optimise(prior, operator, y, pi_t, init, lrs[i], kl_weights[i], inner_gen)
-            check_finite(alpha, "G2D2 variational logits alpha", step=i)
+            alpha = self._optimise(prior, operator, y, pi_t, init, lrs[i], kl_weights[i], step_gen)
+            guard.update(alpha, i)
             alpha_prev = alpha
             # 5. re-noise with alpha* as log p(z0 | z_t, y): to the next time, or to z0 after t = 0
             s = times[i + 1] if i + 1 < len(times) else -1
-            tokens = self.noise_schedule.renoise(prior, alpha.clamp(min=-70.0), tokens, t, s, generator)
+            tokens = self.noise_schedule.renoise(prior, alpha.clamp(min=-70.0), tokens, t, s, step_gen)
+        guard.finish()
 
         # 6. hard decode of the final clean tokens
         x = prior.decode_tokens(tokens)

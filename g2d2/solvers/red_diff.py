@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from g2d2.operators.base import LinearOperator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import Solver, check_finite
+from g2d2.solvers.base import FiniteGuard, Solver, device_generator
 
 
 class REDDiff(Solver):
@@ -33,6 +33,8 @@ class REDDiff(Solver):
     """
 
     prior_kind = "pixel"
+    #: steps between the host reads of the NaN/Inf flag (see FiniteGuard)
+    check_every = 25
 
     def __init__(
         self,
@@ -62,15 +64,18 @@ class REDDiff(Solver):
         progress: bool = False,
     ) -> torch.Tensor:
         prior = check_prior(self, prior)
-        timesteps = self.noise_schedule.timesteps(prior.num_train_timesteps, self.num_steps)  # descending
+        timesteps = self.noise_schedule.timesteps(prior.num_train_timesteps, self.num_steps).tolist()  # descending
+        # per-step scalars as Python floats, computed before the loop (nothing is read from the device in it)
+        alpha_bars = [float(prior.alphas_cumprod[t]) for t in timesteps]
+        noise_gen = device_generator(generator, y.device)
+        guard = FiniteGuard("RED-Diff estimate mu", self.check_every)
         # 1. initialise the variational mean with the pseudo-inverse H^+ y
         mu = operator.pinv(y).detach().float().clone().requires_grad_(True)  # (B, C, H, W)
         optimizer = torch.optim.Adam([mu], lr=self.lr, betas=(0.9, 0.99))
-        for step, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="RED-Diff", leave=False)):
-            alpha_bar = prior.alphas_cumprod[t].item()
-            alpha_t, sigma_t = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+        for step, t in enumerate(tqdm(timesteps, disable=not progress, desc="RED-Diff", leave=False)):
+            alpha_t, sigma_t = math.sqrt(alpha_bars[step]), math.sqrt(1.0 - alpha_bars[step])
             # 2. diffuse the current estimate: x_t = alpha_t mu + sigma_t eps
-            eps = randn_like(mu, generator)
+            eps = randn_like(mu, noise_gen)
             x_t = alpha_t * mu.detach() + sigma_t * eps
             # 3. denoiser residual, no gradient through the network
             with torch.no_grad():
@@ -84,6 +89,7 @@ class REDDiff(Solver):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            check_finite(mu.detach(), "RED-Diff estimate mu", step)
+            guard.update(mu, step)
+        guard.finish()
         # 5. the point estimate is the final mean
         return mu.detach().clamp(-1.0, 1.0)
