@@ -138,7 +138,9 @@ def run(
     solver = instantiate(cfg.solver, noise_schedule=schedule)
     prior = None
     if solver.prior_kind is not None:
-        prior = instantiate(cfg.prior, device=device, precision=cfg.precision)
+        prior = instantiate(
+            cfg.prior, device=device, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing
+        )
     check_prior(solver, prior, data.image_size)
     lpips = quality.LPIPS(net=cfg.lpips_net).to(device)
 

@@ -180,5 +180,25 @@ def test_unloadable_component_and_bad_arguments(tiny_dirs, tmp_path):
 def test_prior_yaml_keys_are_constructor_arguments(name):
     cfg = yaml.safe_load((CONF / "prior" / f"{name}.yaml").read_text())
     assert cfg.pop("_target_") == "g2d2.priors.discrete.VQDiffusionPrior"
-    params = set(inspect.signature(VQDiffusionPrior).parameters) - {"device", "precision"}
+    params = set(inspect.signature(VQDiffusionPrior).parameters) - {"device", "precision", "gradient_checkpointing"}  # root config keys
     assert set(cfg) == params
+
+
+def test_gradient_checkpointing_recomputes_the_decoder_with_the_same_gradient(tiny_dirs):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, TINY_CODES, 64, generator=g)
+    grads, calls = [], []
+    for flag in (False, True):
+        prior = VQDiffusionPrior(str(tiny_dirs["uncond"]), gradient_checkpointing=flag)
+        block = prior.vqvae.decoder.up_blocks[0]
+        count = [0]
+        block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        lg = logits.clone().requires_grad_(True)
+        prior.decode(torch.softmax(lg, dim=1)).square().sum().backward()
+        grads.append(lg.grad)
+        calls.append(count[0])
+        with torch.no_grad():  # no backward, no recomputation
+            prior.decode(torch.softmax(logits, dim=1))
+        calls[-1] = (calls[-1], count[0] - calls[-1])
+    assert calls == [(1, 1), (2, 1)]  # checkpointed: the block runs again during the backward pass
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -215,3 +215,20 @@ def test_embedded_tiny_ddpm_loads() -> None:
     assert torch.isfinite(prior.eps(x, prior.num_train_timesteps - 1)).all()
     sched = json.loads((EMBEDDED_DIR / "tiny_ddpm" / "scheduler" / "scheduler_config.json").read_text())
     assert math.isclose(prior.alphas_cumprod[0].item(), 1 - sched.get("beta_start", 1e-4), rel_tol=1e-9)
+
+
+def test_gradient_checkpointing_recomputes_the_unet_with_the_same_gradient(tmp_path) -> None:
+    save_tiny(tmp_path, out_channels=6, variance_type="learned_range")
+    x0 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    grads, calls = [], []
+    for flag in (False, True):
+        prior = DDPMPrior(str(tmp_path), gradient_checkpointing=flag)
+        count = [0]
+        prior.unet.down_blocks[1].resnets[0].register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        x = x0.clone().requires_grad_(True)
+        eps, log_var = prior.predict(x, 500)
+        (eps.square().sum() + log_var.sum()).backward()
+        grads.append(x.grad)
+        calls.append(count[0])
+    assert calls == [1, 2]  # checkpointed: the resnet runs again during the backward pass
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
