@@ -180,7 +180,8 @@ def test_unloadable_component_and_bad_arguments(tiny_dirs, tmp_path):
 def test_prior_yaml_keys_are_constructor_arguments(name):
     cfg = yaml.safe_load((CONF / "prior" / f"{name}.yaml").read_text())
     assert cfg.pop("_target_") == "g2d2.priors.discrete.VQDiffusionPrior"
-    params = set(inspect.signature(VQDiffusionPrior).parameters) - {"device", "precision", "gradient_checkpointing"}  # root config keys
+    root_keys = {"device", "precision", "gradient_checkpointing"}  # set by the runner from the root config
+    params = set(inspect.signature(VQDiffusionPrior).parameters) - root_keys
     assert set(cfg) == params
 
 
@@ -192,7 +193,7 @@ def test_gradient_checkpointing_recomputes_the_decoder_with_the_same_gradient(ti
         prior = VQDiffusionPrior(str(tiny_dirs["uncond"]), gradient_checkpointing=flag)
         block = prior.vqvae.decoder.up_blocks[0]
         count = [0]
-        block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        block.register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
         lg = logits.clone().requires_grad_(True)
         prior.decode(torch.softmax(lg, dim=1)).square().sum().backward()
         grads.append(lg.grad)

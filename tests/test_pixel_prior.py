@@ -224,7 +224,7 @@ def test_gradient_checkpointing_recomputes_the_unet_with_the_same_gradient(tmp_p
     for flag in (False, True):
         prior = DDPMPrior(str(tmp_path), gradient_checkpointing=flag)
         count = [0]
-        prior.unet.down_blocks[1].resnets[0].register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        prior.unet.down_blocks[1].resnets[0].register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
         x = x0.clone().requires_grad_(True)
         eps, log_var = prior.predict(x, 500)
         (eps.square().sum() + log_var.sum()).backward()
