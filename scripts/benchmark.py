@@ -1,8 +1,9 @@
 """Peak GPU memory and seconds per image of each solver at paper scale, with random-weight priors.
 
-    PYTHONPATH=. python scripts/benchmark.py --scale full --device cuda --measure-steps 3 \
+    PYTHONPATH=. python scripts/benchmark.py --scale full --device cuda --measure-steps 3 --measure-steps-pixel 20 \
         --out benchmark.json --markdown benchmark.md
-    PYTHONPATH=. python scripts/benchmark.py --scale tiny --device cpu --measure-steps 1   # CI smoke test
+    PYTHONPATH=. python scripts/benchmark.py --scale tiny --device cpu --measure-steps 1 --measure-steps-pixel 2 \
+        --out /tmp/benchmark.json --markdown /tmp/benchmark.md   # CI smoke test
 
 What is measured (batch 1, one image of the prior's size: 256 px at full scale):
 - Priors are the real architectures built from their configs with random weights
@@ -12,23 +13,35 @@ What is measured (batch 1, one image of the prior's size: 256 px at full scale):
   (paper step counts: G2D2 100 steps x 30 inner iterations, star-shaped noise; DPS and RED-Diff
   1000 steps). G2D2 runs the ImageNet setting: a prompt with classifier-free guidance 5 (two
   transformer passes per step). The task is conf/task/<task>.yaml (default SR x4).
-- A solve is not run to the end: a hook on the prior network marks the start of every outer step
-  (with a device synchronisation), `--warmup-steps` steps are discarded, the next `--measure-steps`
-  are timed, then the solve is stopped. s/image = s/step x the solver's num_steps (extrapolated;
-  one-off costs such as loading, prompt encoding and the final decode are not included).
+- A solve is not run to the end: a hook on the prior network marks the start of every outer step,
+  `--warmup-steps` steps are discarded, the next `--measure-steps` (G2D2, ~1 s a step on a GPU) or
+  `--measure-steps-pixel` (DPS, RED-Diff: tens of ms a step, so more steps against timer noise) are
+  timed, then the solve is stopped. The device is synchronised only at the two edges of that window
+  (the start of the first timed step and the start of the step after the last one), never in between,
+  so the solver runs asynchronously as it would unobserved, exactly as the bare prior is timed
+  (back-to-back calls, one synchronisation at each end). s/image = s/step x the solver's num_steps
+  (extrapolated; one-off costs such as loading, prompt encoding and the final decode are not included).
 - Peak GPU memory = torch.cuda.max_memory_allocated over the solve (weights included), after
   reset_peak_memory_stats; on CPU the process peak RSS is recorded instead.
 - Bare prior cost per step: G2D2 = one guided transformer pass + inner_iters x relaxed-decode
-  forward+backward; DPS = UNet forward + backward w.r.t. its input; RED-Diff = UNet forward.
+  forward+backward; DPS = UNet forward + backward w.r.t. its input; RED-Diff = UNet forward; each the
+  mean of `--bare-reps` back-to-back calls (pixel priors: at least `--measure-steps-pixel` calls).
   overhead = s/step / bare s/step - 1 (the solver's own work per step; target <= 10 %).
+- Host syncs/step (CUDA only, a diagnostic): the synchronising CUDA calls the solver makes per timed
+  step (.item(), bool(tensor), device-to-host copies, ...), counted as the warnings of
+  torch.cuda.set_sync_debug_mode("warn") raised inside the timed window (the window-edge
+  synchronisations excluded); each one stalls the host until the GPU catches up. None on CPU, with
+  `--no-count-syncs`, or if the sync debug mode is unavailable. Emitting the warnings costs some host
+  time per sync; compare with `--no-count-syncs` if the count is large.
+Each row records the counts it used (warmup_steps, measure_steps, steps_timed, bare_reps).
 Each configuration catches its own out-of-memory / errors, and the JSON and Markdown files are
 rewritten after every configuration, so an interrupted run still leaves its data.
 This script needs neither Hydra nor the runner: it reads the yaml files with PyYAML.
 """
-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -41,6 +54,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -138,43 +152,124 @@ def timed(fn, reps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / reps
 
 
-class StepClock:
-    """Forward pre-hook on the prior network: one call = the start of one outer solver step."""
+def _is_sync_warning(w: warnings.WarningMessage) -> bool:
+    """A warning of torch.cuda.set_sync_debug_mode("warn"): "called a synchronizing CUDA operation"."""
+    return "synchroniz" in str(w.message).lower()
 
-    def __init__(self, device: torch.device, stop_after: int) -> None:
-        self.device, self.stop_after, self.times = device, stop_after, []
+
+def _replay(log: list) -> None:
+    """Re-emit, once each, the warnings other than sync warnings that recording swallowed."""
+    seen = set()
+    for w in log:
+        key = (w.category, str(w.message), w.filename, w.lineno)
+        if not _is_sync_warning(w) and key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+@contextlib.contextmanager
+def host_sync_log(device: torch.device, enabled: bool = True):
+    """Record the warnings of the block with torch.cuda's sync debug mode at "warn": yields the list the
+    warnings go to, or None (not CUDA, not enabled, or the sync debug mode failed: the count is then None).
+    The previous sync debug mode is restored at exit."""
+    previous = None
+    if enabled and device.type == "cuda":
+        try:
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        except Exception as err:  # noqa: BLE001 - a diagnostic: never break a row
+            logger.warning("sync debug mode unavailable, host syncs not counted: %s", err)
+            previous = None
+    if previous is None:
+        yield None
+        return
+    log = []
+    try:
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            yield log
+    finally:
+        try:
+            torch.cuda.set_sync_debug_mode(previous)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("could not restore the sync debug mode %s: %s", previous, err)
+        _replay(log)
+
+
+class StepClock:
+    """Forward pre-hook on the prior network: one call = the start of one outer solver step.
+
+    Steps 0 .. warmup-1 are warm-up, steps warmup .. warmup+measure-1 are timed. The device is synchronised
+    (and the time and the sync-warning count taken) only at the two edges of that window: when step `warmup`
+    starts, and when step warmup+measure starts (StopSolve is then raised) or the solve ends (`close`). The
+    steps in between are only counted. If the solve ends within the warm-up, the window falls back to the
+    start of step 0 (stamped without synchronisation)."""
+
+    def __init__(self, device: torch.device, warmup: int, measure: int, log: list | None = None) -> None:
+        self.device, self.warmup, self.measure, self.log = device, warmup, measure, log
+        self.calls = 0  # steps started
+        self.first = self.start = self.end = None  # (perf_counter, len(log)) at step 0, window start, window end
+        self.end_calls = 0
+
+    def _logged(self) -> int:
+        return len(self.log) if self.log is not None else 0
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
-        _sync(self.device)
-        self.times.append(time.perf_counter())
-        if len(self.times) > self.stop_after:
+        if self.calls == self.warmup + self.measure:
+            self.close()
             raise StopSolve
+        if self.calls == self.warmup:  # window start: synchronise, then stamp (the sync itself is not counted)
+            _sync(self.device)
+            self.start = (time.perf_counter(), self._logged())
+        elif self.calls == 0:
+            self.first = (time.perf_counter(), self._logged())
+        self.calls += 1
+
+    def close(self) -> None:
+        """Window end: count the syncs, then synchronise and stamp (once; the hook or the end of the solve)."""
+        if self.end is None:
+            logged = self._logged()
+            _sync(self.device)
+            self.end, self.end_calls = (time.perf_counter(), logged), self.calls
+
+    def result(self) -> dict:
+        """s_per_step and host_syncs_per_step over the steps timed (steps_timed), with a note on a fallback."""
+        origin, steps, note = self.start, self.end_calls - self.warmup, None
+        if origin is None:  # the solve ended within the warm-up: time every step it ran
+            origin, steps = self.first, self.end_calls
+            note = f"solve ended within the warm-up: {steps} step(s) timed from step 0"
+        if origin is None or self.end is None or steps < 1:
+            return {"s_per_step": float("nan"), "steps_timed": 0, "host_syncs_per_step": None}
+        syncs = None
+        if self.log is not None:
+            syncs = sum(map(_is_sync_warning, self.log[origin[1]:self.end[1]])) / steps
+        out = {"s_per_step": (self.end[0] - origin[0]) / steps, "steps_timed": steps, "host_syncs_per_step": syncs}
+        return {**out, "note": note} if note else out
 
 
-def measure_solve(solver, prior, network, operator, y, device, warmup: int, measure: int, seed: int = 0) -> dict:
-    """Run solver.solve until warmup + measure steps are timed; per-step seconds and peak memory."""
-    clock = StepClock(device, warmup + measure)
+def measure_solve(solver, prior, network, operator, y, device, warmup: int, measure: int, seed: int = 0,
+                  count_syncs: bool = True) -> dict:
+    """Run solver.solve until warmup + measure steps are timed: per-step seconds, host syncs and peak memory."""
+    clock = StepClock(device, warmup, measure)
     handle = network.register_forward_pre_hook(clock)
-    times, note = clock.times, None
+    note = None
     try:
-        with measure_cost(device) as cost:
+        with measure_cost(device) as cost, host_sync_log(device, count_syncs) as log:
+            clock.log = log
             try:
                 solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(seed))
-                _sync(device)  # fewer steps than asked for: the end of the solve closes the last step
-                times = [*clock.times, time.perf_counter()]
+                clock.close()  # fewer steps than asked for: the end of the solve closes the last step
             except StopSolve:
                 pass
             except NonFiniteError as err:  # random weights may diverge: keep the steps timed before
-                _sync(device)
-                times = [*clock.times, time.perf_counter()]
+                clock.close()
                 note = f"stopped early: {err}"
     finally:
         handle.remove()
-    stamps = times[warmup:] if len(times) > warmup + 1 else times
-    steps = len(stamps) - 1
-    per_step = (stamps[-1] - stamps[0]) / steps if steps > 0 else float("nan")
-    out = {"s_per_step": per_step, "steps_timed": steps, "peak_gpu_mib": cost.peak_gpu_mem_mb}
-    return {**out, "note": note} if note else out
+    out = {**clock.result(), "peak_gpu_mib": cost.peak_gpu_mem_mb}
+    if note:
+        out["note"] = f"{note}; {out['note']}" if out.get("note") else note
+    return out
 
 
 def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int) -> dict:
@@ -217,9 +312,24 @@ def _failure(err: BaseException, where: str) -> dict:
     return {"status": "oom" if oom else "error", "error": f"{where}{type(err).__name__}: {str(err)[:300]}"}
 
 
+def step_counts(name: str, args) -> dict:
+    """The counts a solver's row is timed with: warm-up and timed outer steps, bare prior repetitions.
+
+    Pixel solvers (steps of tens of ms) are timed over --measure-steps-pixel steps and their bare prior over at
+    least as many calls; G2D2 over --measure-steps. pinv is one call per solve, timed over --bare-reps calls
+    after one warm-up call."""
+    if SOLVERS[name][2] is None:
+        return {"warmup_steps": 1, "measure_steps": args.bare_reps, "bare_reps": None}
+    if SOLVERS[name][2] == "pixel":
+        measure = args.measure_steps_pixel
+        return {"warmup_steps": args.warmup_steps, "measure_steps": measure, "bare_reps": max(args.bare_reps, measure)}
+    return {"warmup_steps": args.warmup_steps, "measure_steps": args.measure_steps, "bare_reps": args.bare_reps}
+
+
 def run_solver(name: str, prior, network, shape: str, precision: str, args, device: torch.device) -> dict:
     """One row: build the solver and the task, time the solve, then the bare prior; failures recorded."""
-    row = {"solver": name, "prior": shape, "precision": precision, "status": "ok"}
+    counts = step_counts(name, args)
+    row = {"solver": name, "prior": shape, "precision": precision, "status": "ok", **counts}
     try:
         solver = make_solver(name)
         image_size = prior.image_size if prior is not None else args.pinv_size
@@ -232,17 +342,17 @@ def run_solver(name: str, prior, network, shape: str, precision: str, args, devi
         if prior is None:  # pinv: one call is the whole solve
             with measure_cost(device) as cost:
                 row["s_per_step"] = timed(lambda: solver.solve(None, operator, y, gen), args.bare_reps, device)
-            row.update(peak_gpu_mib=cost.peak_gpu_mem_mb, steps_timed=args.bare_reps)
+            row.update(peak_gpu_mib=cost.peak_gpu_mem_mb, steps_timed=args.bare_reps, host_syncs_per_step=None)
         else:
-            row.update(measure_solve(solver, prior, network, operator, y, device, args.warmup_steps,
-                                     args.measure_steps, args.seed))
+            row.update(measure_solve(solver, prior, network, operator, y, device, counts["warmup_steps"],
+                                     counts["measure_steps"], args.seed, args.count_syncs))
         row["s_per_image"] = row["s_per_step"] * num_steps
     except Exception as err:  # noqa: BLE001 - one configuration failing must not stop the benchmark
         row.update(_failure(err, ""))
     _free(device)
     if row["status"] == "ok" and prior is not None:
         try:
-            row.update(bare_prior_cost(name, solver, prior, device, args.bare_reps))
+            row.update(bare_prior_cost(name, solver, prior, device, counts["bare_reps"]))
             row["overhead"] = row["s_per_step"] / row["bare_s_per_step"] - 1.0
         except Exception as err:  # noqa: BLE001 - keep the solver's numbers
             row["bare_error"] = _failure(err, "bare prior: ")["error"]
@@ -354,15 +464,20 @@ def write_outputs(result: dict, args) -> None:
         f"transformers {meta['transformers']} | task {meta['task']} | batch 1 | random weights | "
         f"TF32 matmul {meta['tf32_matmul']}, cuDNN {meta['tf32_cudnn']}",
         "",
-        f"Timed {meta['measure_steps']} outer steps after {meta['warmup_steps']} warm-up; s/image = s/step x steps "
+        f"Timed {meta['measure_steps']} outer steps (G2D2) or {meta.get('measure_steps_pixel', '-')} (DPS, RED-Diff) "
+        f"after {meta['warmup_steps']} warm-up, the device synchronised only at the two edges of the timed window "
+        "(the solver runs asynchronously in between, as the bare prior does); s/image = s/step x steps "
         "(extrapolated; loading, prompt encoding and the final decode excluded). Peak = "
         "torch.cuda.max_memory_allocated over the solve, weights included. Bare prior: G2D2 = guided transformer "
-        "pass + inner iters x relaxed decode fwd+bwd; DPS = UNet fwd+bwd w.r.t. x; RED-Diff = UNet fwd. "
-        "overhead = s/step / bare prior s/step - 1.",
+        "pass + inner iters x relaxed decode fwd+bwd; DPS = UNet fwd+bwd w.r.t. x; RED-Diff = UNet fwd; mean of "
+        f"{meta['bare_reps']} back-to-back calls (pixel priors: at least as many as their timed steps). "
+        "overhead = s/step / bare prior s/step - 1. Host syncs/step: synchronising CUDA calls per timed step "
+        "(torch.cuda.set_sync_debug_mode warnings in the timed window; CUDA only). "
+        "Timed: outer steps timed (pinv: calls).",
         "",
-        "| solver | prior shape | precision | peak GPU MiB | s/step | steps | s/image (extrap.) "
-        "| bare prior s/step | overhead | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| solver | prior shape | precision | peak GPU MiB | s/step | steps | timed | s/image (extrap.) "
+        "| bare prior s/step | overhead | host syncs/step | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         steps = r.get("num_steps", "-")
@@ -374,9 +489,9 @@ def write_outputs(result: dict, args) -> None:
         overhead = None if r.get("overhead") is None else 100 * r["overhead"]
         lines.append(
             f"| {r['solver']} | {r['prior']} | {r['precision']} | {_fmt(r.get('peak_gpu_mib'), '.0f')} "
-            f"| {_sec(r.get('s_per_step'))} | {steps} | {_sec(r.get('s_per_image'))} "
+            f"| {_sec(r.get('s_per_step'))} | {steps} | {r.get('steps_timed', '-')} | {_sec(r.get('s_per_image'))} "
             f"| {_sec(r.get('bare_s_per_step'))} | {_fmt(overhead, '+.1f')}{'' if overhead is None else ' %'} "
-            f"| {status} |"
+            f"| {_fmt(r.get('host_syncs_per_step'), '.4g')} | {status} |"
         )
     notes = list(result["ratios"])
     for r in result["rows"]:
@@ -418,10 +533,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,fp16", help=f"comma list of {PRECISIONS} (network dtype)")
     p.add_argument("--pixel-priors", default="adm_ffhq,adm_imagenet", help="comma list of adm_ffhq, adm_imagenet")
     p.add_argument("--task", default="sr4", help="conf/task/<task>.yaml")
-    p.add_argument("--measure-steps", type=int, default=5, help="outer steps timed per solver")
+    p.add_argument("--measure-steps", type=int, default=5, help="outer steps timed for G2D2")
+    p.add_argument("--measure-steps-pixel", type=int, default=20, help="outer steps timed for the pixel solvers "
+                   "(DPS, RED-Diff: short steps, so more of them)")
     p.add_argument("--warmup-steps", type=int, default=1, help="outer steps run before timing")
     p.add_argument("--bare-reps", type=int, default=None, help="repetitions of each bare prior measurement "
-                   "(default 5 at full scale, 2 at tiny)")
+                   "(default 5 at full scale, 2 at tiny; pixel priors: at least --measure-steps-pixel)")
+    p.add_argument("--no-count-syncs", dest="count_syncs", action="store_false", help="do not count host syncs "
+                   "(CUDA sync debug mode) during the timed window")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 at tiny scale, "
                    "which avoids oversubscription on a shared CI machine)")
     p.add_argument("--prompt", default="a photo of a tench", help="G2D2 prompt (ImageNet setting)")
@@ -442,8 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.bare_reps = 5 if args.scale == "full" else 2
     if args.threads is None and args.scale == "tiny":
         args.threads = 1
-    if args.measure_steps < 1 or args.warmup_steps < 0 or args.bare_reps < 1:
-        p.error("--measure-steps and --bare-reps must be >= 1, --warmup-steps >= 0")
+    if min(args.measure_steps, args.measure_steps_pixel, args.bare_reps) < 1 or args.warmup_steps < 0:
+        p.error("--measure-steps, --measure-steps-pixel and --bare-reps must be >= 1, --warmup-steps >= 0")
     args.pinv_size = 256 if args.scale == "full" else bench_models.TINY_IMAGE_SIZE
     return args
 
@@ -460,7 +579,9 @@ def _meta(args, device: torch.device) -> dict:
         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "scale": args.scale, "task": args.task, "batch": 1, "precisions": args.precisions,
-        "measure_steps": args.measure_steps, "warmup_steps": args.warmup_steps, "bare_reps": args.bare_reps,
+        "measure_steps": args.measure_steps, "measure_steps_pixel": args.measure_steps_pixel,
+        "warmup_steps": args.warmup_steps, "bare_reps": args.bare_reps, "count_syncs": args.count_syncs,
+        "sync_rule": "device synchronised only at the timed window's edges",
         "prompt": args.prompt, "guidance": args.guidance,
     }
 

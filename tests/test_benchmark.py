@@ -1,19 +1,28 @@
-"""Smoke test of scripts/benchmark.py at tiny scale on the CPU (the GPU run uses --scale full)."""
+"""Smoke test of scripts/benchmark.py at tiny scale on the CPU (the GPU run uses --scale full), and unit tests of
+its step clock and host-sync counter with a toy solver and a fake clock."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+from g2d2.solvers.base import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
+PIXEL_STEPS = 2  # --measure-steps-pixel of the tiny run (G2D2 keeps --measure-steps 1)
+SYNC_MESSAGE = "called a synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") warns
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +31,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable, str(SCRIPT), "--scale", "tiny", "--device", "cpu", "--measure-steps", "1",
+        "--measure-steps-pixel", str(PIXEL_STEPS),
         "--out", str(out / "benchmark.json"), "--markdown", str(out / "benchmark.md"), "--workdir", str(out / "ckpt"),
     ]
     start = time.perf_counter()
@@ -43,11 +53,18 @@ def test_tiny_benchmark_rows(tiny_run: tuple[dict, str, float]) -> None:
         assert math.isfinite(r["s_per_image"]) and r["s_per_image"] >= r["s_per_step"], r
         assert r["peak_gpu_mib"] is None  # CPU run: no GPU figure, peak RSS instead
         assert r["peak_rss_mib"] > 0
+        assert r["host_syncs_per_step"] is None  # the sync counter is CUDA only
     for r in rows:
         if r["solver"] != "pinv":
-            assert r["steps_timed"] == 1
+            expected = 1 if r["solver"] == "g2d2" else PIXEL_STEPS
+            assert r["steps_timed"] == r["measure_steps"] == expected, r
+            assert r["warmup_steps"] == 1
             assert r["bare_s_per_step"] > 0 and math.isfinite(r["overhead"]), r
             assert r["precision"] in ("fp32", "fp16")
+    # pixel priors get at least as many bare repetitions as timed steps; G2D2 the tiny default
+    assert all(r["bare_reps"] >= PIXEL_STEPS for r in rows if r["solver"] in ("dps", "red_diff"))
+    assert next(r for r in rows if r["solver"] == "g2d2")["bare_reps"] == 2
+    assert result["meta"]["measure_steps_pixel"] == PIXEL_STEPS
     # paper step counts are what is extrapolated to
     g2d2 = next(r for r in rows if r["solver"] == "g2d2")
     assert (g2d2["num_steps"], g2d2["inner_iters"]) == (100, 30)
@@ -60,7 +77,139 @@ def test_tiny_benchmark_rows(tiny_run: tuple[dict, str, float]) -> None:
 def test_tiny_benchmark_markdown(tiny_run: tuple[dict, str, float]) -> None:
     result, markdown, _ = tiny_run
     assert "| solver | prior shape | precision | peak GPU MiB |" in markdown
+    assert "| host syncs/step | status |" in markdown and "only at the two edges" in markdown
     assert result["meta"]["device_name"].split()[0] in markdown
     for solver in ("g2d2", "red_diff", "dps", "pinv"):
         assert f"| {solver} |" in markdown
     assert result["meta"]["scale"] == "tiny" and result["meta"]["torch"]
+
+
+# ----------------------------------------------------------------- step clock and sync counter, no subprocess
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ToyNet(torch.nn.Module):
+    """The "prior network": step k lasts k + 1 fake seconds and makes k synchronising calls."""
+
+    def __init__(self, now: list[float]) -> None:
+        super().__init__()
+        self.now, self.calls = now, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.calls):
+            warnings.warn(SYNC_MESSAGE, stacklevel=1)
+        self.calls += 1
+        self.now[0] += self.calls
+        return x + 1
+
+
+class ToySolver:
+    """Calls the network once per outer step; optionally diverges at step `fail_at`."""
+
+    def __init__(self, num_steps: int, fail_at: int | None = None) -> None:
+        self.num_steps, self.fail_at = num_steps, fail_at
+
+    def solve(self, prior, operator, y, generator=None) -> torch.Tensor:
+        x = torch.zeros(1)
+        for k in range(self.num_steps):
+            if k == self.fail_at:
+                raise NonFiniteError(f"non-finite at step {k}")
+            x = prior(x)
+        return x
+
+
+@pytest.fixture
+def fake_clock(bench, monkeypatch: pytest.MonkeyPatch):
+    """(now, sync stamps): time.perf_counter reads `now`; benchmark._sync records when it is called and warns
+    like a synchronising CUDA call (which the counter must not count)."""
+    now, syncs = [0.0], []
+
+    def sync(device: torch.device) -> None:
+        syncs.append(now[0])
+        warnings.warn(SYNC_MESSAGE, stacklevel=1)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench, "_sync", sync)
+    return now, syncs
+
+
+def _measure(bench, net: ToyNet, solver: ToySolver, warmup: int, measure: int) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the toy's sync warnings, when nothing records them
+        return bench.measure_solve(solver, net, net, None, None, torch.device("cpu"), warmup, measure)
+
+
+def test_step_clock_syncs_only_at_window_edges(bench, fake_clock) -> None:
+    now, syncs = fake_clock
+    net = ToyNet(now)
+    out = _measure(bench, net, ToySolver(num_steps=10), warmup=2, measure=3)
+    # step k starts at 1 + 2 + ... + k: the window is [start of step 2, start of step 5] = [3, 15]
+    assert syncs == [3.0, 15.0]  # no synchronisation at the intermediate steps
+    assert net.calls == 5  # stopped at the start of step 5, before its network call
+    assert out["steps_timed"] == 3
+    assert out["s_per_step"] == pytest.approx((15.0 - 3.0) / 3)
+    assert out["host_syncs_per_step"] is None and out["peak_gpu_mib"] is None and "note" not in out
+
+
+def test_step_clock_end_of_solve_and_divergence(bench, fake_clock) -> None:
+    now, syncs = fake_clock
+    out = _measure(bench, ToyNet(now), ToySolver(num_steps=4), warmup=1, measure=5)  # fewer steps than asked
+    assert syncs == [1.0, 10.0] and out["steps_timed"] == 3
+    assert out["s_per_step"] == pytest.approx((10.0 - 1.0) / 3)
+    now[0], syncs[:] = 0.0, []
+    out = _measure(bench, ToyNet(now), ToySolver(num_steps=10, fail_at=4), warmup=1, measure=5)
+    assert syncs == [1.0, 10.0] and out["steps_timed"] == 3  # steps 1..3 before the divergence at step 4
+    assert out["s_per_step"] == pytest.approx(3.0) and out["note"].startswith("stopped early")
+    now[0], syncs[:] = 0.0, []
+    out = _measure(bench, ToyNet(now), ToySolver(num_steps=2), warmup=3, measure=2)  # ends within the warm-up
+    assert syncs == [3.0] and out["steps_timed"] == 2 and out["s_per_step"] == pytest.approx(1.5)
+    assert "warm-up" in out["note"]
+
+
+def test_host_syncs_counted_in_the_window_only(bench, fake_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    now, syncs = fake_clock
+
+    @contextlib.contextmanager
+    def recording(device: torch.device, enabled: bool = True):
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            yield log
+
+    monkeypatch.setattr(bench, "host_sync_log", recording)
+    out = _measure(bench, ToyNet(now), ToySolver(num_steps=10), warmup=1, measure=3)
+    # steps 1, 2, 3 make 1 + 2 + 3 syncs; the warm-up step's and the window edges' (fake_clock warns) excluded
+    assert len(syncs) == 2 and out["steps_timed"] == 3
+    assert out["host_syncs_per_step"] == pytest.approx(6 / 3)
+
+
+def test_host_sync_log_restores_mode_and_never_breaks(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")  # nothing touches a GPU: the sync debug mode functions are faked
+    with bench.host_sync_log(torch.device("cpu")) as log:
+        assert log is None
+    with bench.host_sync_log(cuda, enabled=False) as log:
+        assert log is None
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.warns(UserWarning, match="unrelated") as replayed:  # other warnings: replayed once, not swallowed
+        with bench.host_sync_log(cuda) as log:
+            for _ in range(3):
+                warnings.warn(SYNC_MESSAGE, stacklevel=1)
+                warnings.warn("unrelated", stacklevel=1)
+    assert modes == ["warn", 0] and sum(map(bench._is_sync_warning, log)) == 3
+    assert [str(w.message) for w in replayed] == ["unrelated"]
+
+    def broken(mode) -> None:
+        raise RuntimeError("no sync debug mode here")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", broken)
+    with bench.host_sync_log(cuda) as log:  # failing to set: no count, no error
+        assert log is None
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: broken(mode) if mode != "warn" else None)
+    with bench.host_sync_log(cuda) as log:  # failing to restore: logged, no error
+        assert log == []
