@@ -81,6 +81,39 @@ def check_prior(solver: Any, prior: torch.nn.Module | None, image_size: int) -> 
         )
 
 
+def check_lpips_size(lpips: torch.nn.Module, net: str, image_size: int, device: torch.device) -> None:
+    """LPIPS on one blank image of the run's size, so a size its backbone cannot take fails before solving."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=device)
+    try:
+        with torch.no_grad():
+            lpips(blank, blank)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"LPIPS with lpips_net={net} cannot score {image_size} px images ({str(err)[:80]}); use "
+            "lpips_net=vgg or data.image_size >= 32"
+        ) from err
+
+
+def data_prompts(prior: torch.nn.Module | None, data: Any) -> list[str] | None:
+    """The per-image prompts of a `prompt_from_data` prior (one per image of `data`), else None."""
+    if not getattr(prior, "prompt_from_data", False):
+        return None
+    if not callable(getattr(data, "prompt", None)):
+        raise ConfigError(
+            f"prior.prompt_from_data=true needs per-image prompts from the data, but {type(data).__name__} has "
+            "none; use data=imagenet with a file list of '<name> <class index>' lines, or set prior.prompt"
+        )
+    prompts = [data.prompt(i) for i in range(len(data))]
+    names = getattr(data, "names", None)
+    missing = [names[i] if names else str(i) for i, p in enumerate(prompts) if not p]
+    if missing:
+        raise ConfigError(
+            f"prior.prompt_from_data=true but {len(missing)} images have no prompt (no class label), e.g. "
+            f"{missing[:3]}; give data.file_list with '<name> <class index>' lines, or set prior.prompt"
+        )
+    return prompts
+
+
 def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done: list[dict[str, Any]]) -> None:
     """Refuse to mix results of different configs in one folder."""
     import json
@@ -142,7 +175,9 @@ def run(
             cfg.prior, device=device, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing
         )
     check_prior(solver, prior, data.image_size)
+    prompts = data_prompts(prior, data)
     lpips = quality.LPIPS(net=cfg.lpips_net).to(device)
+    check_lpips_size(lpips, cfg.lpips_net, data.image_size, device)
 
     tracker = tracker if tracker is not None else instantiate(cfg.logger)
     choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}
@@ -163,6 +198,8 @@ def run(
         x = torch.stack(images).to(device)
         # one generator per batch, seeded by (seed, first image index): with batch_size=1, per image
         generator = image_generator(cfg.seed, batch[0])
+        if prompts is not None:
+            prior.set_prompts([prompts[i] for i in batch])
         operator = instantiate(cfg.task.operator, generator=generator).to(device)
         y = operator.measure(x, cfg.task.sigma, generator)
         error = None
@@ -197,6 +234,8 @@ def run(
                 "peak_rss_mb": cost.peak_rss_mb,
                 "batch_size": len(batch),
             }
+            if prompts is not None:
+                record["prompt"] = prompts[index]
             if error is not None:
                 logger.error("image %d (%s) failed: %s", index, name, error)
                 record.update(status="nonfinite", error=error)

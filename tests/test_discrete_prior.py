@@ -78,7 +78,7 @@ def test_prompt_embedding_is_normalised_clip_and_empty_prompt_is_the_fallback(ti
     from transformers import CLIPTextModel, CLIPTokenizer
 
     prior = VQDiffusionPrior(str(tiny_dirs["text_no_null"]), prompt=PROMPT)
-    assert prior.text_encoder is None  # freed once the fixed prompt is embedded
+    assert prior._text == {}  # the text encoder is freed once the fixed prompt is embedded
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_dirs["text_no_null"] / "tokenizer"))
     encoder = CLIPTextModel.from_pretrained(str(tiny_dirs["text_no_null"] / "text_encoder"))
     ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -94,7 +94,7 @@ def test_prompt_embedding_is_normalised_clip_and_empty_prompt_is_the_fallback(ti
 
 def test_unconditional_layout(tiny_dirs):
     prior = VQDiffusionPrior(str(tiny_dirs["uncond"]))
-    assert prior.text_encoder is None and prior.cond_embedding is None and prior.uncond_embedding is None
+    assert prior._text == {} and prior.cond_embedding is None and prior.uncond_embedding is None
     out = prior.log_p_x0(torch.full((3, 64), TINY_CODES), TINY_T - 1)
     assert out.shape == (3, TINY_CODES, 64) and torch.isfinite(out).all()
     with pytest.raises(CheckpointError, match="unconditional"):
@@ -203,3 +203,39 @@ def test_gradient_checkpointing_recomputes_the_decoder_with_the_same_gradient(ti
         calls[-1] = (calls[-1], count[0] - calls[-1])
     assert calls == [(1, 1), (2, 1)]  # checkpointed: the block runs again during the backward pass
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_image_prompts_match_fixed_prompt_priors(tiny_dirs):
+    """A prompt_from_data prior given prompts (a, b) conditions row 0 exactly as a prior built with
+    prompt=a and row 1 as one with prompt=b, with guidance; each distinct prompt is encoded once."""
+    root = str(tiny_dirs["text"])
+    prior = VQDiffusionPrior(root, prompt_from_data=True, guidance_scale=3.0)
+    tokens = torch.randint(0, TINY_CODES + 1, (2, 64), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="set_prompts"):
+        prior.log_p_x0(tokens, 5)
+    prompts = ["a red square", "a blue circle"]
+    prior.set_prompts(prompts)
+    out = prior.log_p_x0(tokens, 5)
+    for row, text in enumerate(prompts):
+        fixed = VQDiffusionPrior(root, prompt=text, guidance_scale=3.0)
+        torch.testing.assert_close(out[row : row + 1], fixed.log_p_x0(tokens[row : row + 1], 5), rtol=0, atol=1e-5)
+    prior.set_prompts([prompts[1], prompts[1]])
+    assert set(prior._prompt_embeddings) == set(prompts)
+    again = prior.log_p_x0(tokens, 5)
+    torch.testing.assert_close(again[1], out[1], rtol=0, atol=1e-5)  # same prompt, same tokens
+    assert (again[0] - out[0]).abs().max() > 1e-3  # row 0 now conditioned on the other prompt
+    with pytest.raises(ValueError, match="3 prompts for a batch of 2"):
+        prior.set_prompts(prompts + ["x"])
+        prior.log_p_x0(tokens, 5)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        prior.set_prompts(["a", None])
+
+
+def test_per_image_prompt_arguments_are_checked(tiny_dirs):
+    with pytest.raises(ValueError, match="exclude each other"):
+        VQDiffusionPrior(str(tiny_dirs["text"]), prompt="x", prompt_from_data=True)
+    with pytest.raises(CheckpointError, match="prompt_from_data given but the transformer .* is unconditional"):
+        VQDiffusionPrior(str(tiny_dirs["uncond"]), prompt_from_data=True)
+    with pytest.raises(RuntimeError, match="prompt_from_data=true"):
+        VQDiffusionPrior(str(tiny_dirs["text"]), prompt="x").set_prompts(["y"])
+    VQDiffusionPrior(str(tiny_dirs["text"]), prompt_from_data=True, guidance_scale=2.0)  # guidance allowed

@@ -4,6 +4,7 @@ schedules, argument checks and configs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -207,3 +208,42 @@ def test_steps_do_not_draw_from_the_cpu_generator(process):
     G2D2(process(), num_steps=4, inner_iters=3).solve(prior, op, y, generator)
     torch.randint(0, 2**62, (1,), generator=reference)
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_runner_prompts_each_image_with_its_class(tiny_dirs, tmp_path):
+    """prior.prompt_from_data: the runner conditions every image on the data set's prompt ("a photo of
+    <class>" for data=imagenet), batch by batch, records it, and refuses images without a class label."""
+    from conftest import compose_config
+    from PIL import Image
+
+    from g2d2.runner import ConfigError, run
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200 - 50 * i)).save(folder / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 0\nc.png 1\nb.png 0\n")
+    overrides = [
+        "solver=g2d2", "prior=vq_diffusion_ithq", f"prior.path={tiny_dirs['text']}", "prior.prompt_from_data=true",
+        "prior.guidance_scale=2.0", "data=imagenet", f"data.path={folder}", f"data.file_list={listing}",
+        "data.image_size=16", "task=denoise", "solver.num_steps=2", "solver.inner_iters=1", "batch_size=2",
+        "logger=none", "device=cpu", "save_images=false", "progress=false", "lpips_net=vgg",
+    ]
+    seen = []
+    set_prompts = VQDiffusionPrior.set_prompts
+    spy = lambda self, prompts: seen.append(list(prompts)) or set_prompts(self, prompts)  # noqa: E731
+    try:
+        VQDiffusionPrior.set_prompts = spy
+        summary = run(compose_config(overrides), tmp_path / "out")
+    finally:
+        VQDiffusionPrior.set_prompts = set_prompts
+    assert summary["num_images"] == 3
+    assert seen == [["a photo of tench", "a photo of goldfish"], ["a photo of tench"]]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a photo of tench", "a photo of goldfish", "a photo of tench"]
+    # without a class label there is no prompt: refused before anything is solved
+    listing.write_text("a.png 0\nb.png\n")
+    with pytest.raises(ConfigError, match="1 images have no prompt .*b.png"):
+        run(compose_config(overrides), tmp_path / "out2")
+    assert not (tmp_path / "out2" / "metrics.jsonl").exists()

@@ -133,3 +133,14 @@ def test_partial_last_line_is_dropped(tmp_path):
     assert path.read_text().endswith("}\n")
     summary = summarize(records)
     assert summary["num_images"] == 1 and summary["metrics"]["psnr"]["mean"] == 20.0
+
+
+def test_image_size_too_small_for_lpips_is_a_clear_error(tmp_path):
+    from conftest import compose_config
+
+    from g2d2.runner import ConfigError, run
+
+    cfg = compose_config(["solver=pinv", "task=denoise", "data.image_size=16", "lpips_net=alex", "logger=none"])
+    with pytest.raises(ConfigError, match="lpips_net=alex cannot score 16 px images.*lpips_net=vgg"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

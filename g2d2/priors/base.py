@@ -34,6 +34,12 @@ class DiscretePrior(nn.Module):
     token_shape: tuple[int, int]
     image_size: int
     num_timesteps: int
+    #: True when the prior is conditioned on a prompt per image, set by the runner through `set_prompts`
+    prompt_from_data: bool = False
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Condition the next solves on one text prompt per image of the batch (prompt_from_data priors)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no per-image prompts")
 
     @property
     def num_tokens(self) -> int:

@@ -64,6 +64,9 @@ class VQDiffusionPrior(DiscretePrior):
     Args:
         path: `embedded:<name>`, a local folder or a Hugging Face id (see `resolve_checkpoint`).
         prompt: text prompt (needs text_encoder/ and tokenizer/); None = unconditional.
+        prompt_from_data: condition each image on its own prompt, given per batch by `set_prompts`
+            (the runner passes the data set's prompts, e.g. "a photo of <class>" for data=imagenet);
+            the text encoder then stays on the CPU and encodes each distinct prompt once.
         guidance_scale: classifier-free guidance s, l = l_u + s (l_c - l_u) in log space (1 = off).
         allow_download: let a missing hub id be downloaded.
         device: where the networks live.
@@ -73,7 +76,7 @@ class VQDiffusionPrior(DiscretePrior):
             the relaxed decode (less memory for G2D2; same gradients, slower).
     Raises:
         CheckpointError: a missing/unloadable component, named.
-        ValueError: bad precision, or guidance without a prompt.
+        ValueError: bad precision, guidance without a prompt, or both prompt and prompt_from_data.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class VQDiffusionPrior(DiscretePrior):
         path: str,
         prompt: str | None = None,
         guidance_scale: float = 1.0,
+        prompt_from_data: bool = False,
         allow_download: bool = False,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
@@ -91,8 +95,13 @@ class VQDiffusionPrior(DiscretePrior):
         from diffusers.utils import is_accelerate_available
 
         dtype = precision_dtype(precision)
-        if guidance_scale != 1.0 and not prompt:
-            raise ValueError(f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt or guidance 1")
+        if prompt and prompt_from_data:
+            raise ValueError(f"prompt={prompt!r} and prompt_from_data=true exclude each other; set one of them")
+        if guidance_scale != 1.0 and not (prompt or prompt_from_data):
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt, prior.prompt_from_data=true "
+                "or guidance 1"
+            )
         root = resolve_checkpoint(path, allow_download=allow_download)
         if not root.is_dir():
             raise CheckpointError(f"VQ-Diffusion checkpoint {root} is not a folder; expected layout: {LAYOUT}")
@@ -126,27 +135,35 @@ class VQDiffusionPrior(DiscretePrior):
 
         # 3. text conditioning (optional): fixed text inputs, computed once
         self.prompt, self.guidance_scale = prompt, float(guidance_scale)
-        self.text_encoder = self.tokenizer = None
+        self.prompt_from_data = bool(prompt_from_data)
+        # tokenizer + text encoder, in a plain dict (not a submodule: .to(device) leaves the encoder on the CPU)
+        self._text: dict[str, object] = {}
+        self._prompt_embeddings: dict[str, torch.Tensor] = {}  # per-image prompts, encoded once (CPU)
         cond = uncond = None
         if self.transformer.config.cross_attention_dim is None:
-            if prompt:
-                raise CheckpointError(f"prompt {prompt!r} given but the transformer in {root} is unconditional")
+            if prompt or prompt_from_data:
+                raise CheckpointError(
+                    f"{'prompt ' + repr(prompt) if prompt else 'prompt_from_data'} given but the transformer in "
+                    f"{root} is unconditional"
+                )
         else:
             uncond = self._learned_null_embedding(root, kw["low_cpu_mem_usage"])
-            if prompt or uncond is None:
+            if prompt or prompt_from_data or uncond is None:
                 from transformers import CLIPTextModel, CLIPTokenizer
 
-                self.tokenizer = _load("tokenizer", root, CLIPTokenizer.from_pretrained)
-                # the text encoder stays float32: it runs once per prompt, not per step
-                self.text_encoder = freeze(_load("text_encoder", root, CLIPTextModel.from_pretrained).float())
+                # the text encoder stays float32 on the CPU: it runs once per prompt, not per step
+                self._text = {
+                    "tokenizer": _load("tokenizer", root, CLIPTokenizer.from_pretrained),
+                    "encoder": freeze(_load("text_encoder", root, CLIPTextModel.from_pretrained).float()),
+                }
             if uncond is None:
                 uncond = self._embed_text("")  # no learned null text: the empty prompt
             if prompt:
                 cond = self._embed_text(prompt)
             uncond = uncond.to(dtype)
             cond = cond.to(dtype) if cond is not None else None
-            # the prompt is fixed: free the text encoder instead of holding it on the device
-            self.text_encoder = self.tokenizer = None
+            if not prompt_from_data:  # the prompt is fixed: free the text encoder
+                self._text = {}
         self.register_buffer("cond_embedding", cond, persistent=False)  # (1, L, D) or None
         self.register_buffer("uncond_embedding", uncond, persistent=False)  # (1, L, D) or None
 
@@ -167,12 +184,26 @@ class VQDiffusionPrior(DiscretePrior):
     @torch.no_grad()
     def _embed_text(self, text: str) -> torch.Tensor:
         """CLIP last hidden state, L2-normalised per token as in VQ-Diffusion: (1, L, D)."""
-        ids = self.tokenizer(
-            [text], padding="max_length", max_length=self.tokenizer.model_max_length,
+        tokenizer = self._text["tokenizer"]
+        ids = tokenizer(
+            [text], padding="max_length", max_length=tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
-        hidden = self.text_encoder(ids.to(self.text_encoder.device))[0].float()
+        hidden = self._text["encoder"](ids)[0].float()
         return hidden / hidden.norm(dim=-1, keepdim=True)
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """Condition the next `log_p_x0` calls on one prompt per image (a batch of len(prompts))."""
+        if not self.prompt_from_data:
+            raise RuntimeError("set_prompts needs a prior built with prompt_from_data=true (prior.prompt is fixed)")
+        bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+        if not prompts or bad:
+            raise ValueError(f"set_prompts needs one non-empty prompt per image, got {list(prompts)!r}")
+        for p in prompts:
+            if p not in self._prompt_embeddings:
+                self._prompt_embeddings[p] = self._embed_text(p)
+        cond = torch.cat([self._prompt_embeddings[p] for p in prompts])  # (B, L, D)
+        self.cond_embedding = cond.to(device=self.uncond_embedding.device, dtype=self.uncond_embedding.dtype)
 
     @staticmethod
     def _learned_null_embedding(root: Path, low_cpu_mem_usage: bool) -> torch.Tensor | None:
@@ -193,6 +224,13 @@ class VQDiffusionPrior(DiscretePrior):
     def log_p_x0(self, tokens_t: torch.Tensor, t: int) -> torch.Tensor:
         """log p_theta(z0 | z_t) with classifier-free guidance; (B, N) long -> (B, K, N) float32."""
         batch = tokens_t.shape[0]
+        if self.prompt_from_data:
+            if self.cond_embedding is None:
+                raise RuntimeError("this prior takes per-image prompts: call set_prompts(prompts) before log_p_x0")
+            if self.cond_embedding.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"set_prompts gave {self.cond_embedding.shape[0]} prompts for a batch of {batch} token maps"
+                )
         # one timestep per batch (ada_norm), a view of a device table: no host-to-device copy per step
         timestep = self._timestep_ids(tokens_t.device)[int(t)]
         if self.uncond_embedding is None:
