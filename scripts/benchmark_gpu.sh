@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared run of the full-size solver benchmark on one GPU (the `run` device tool), about 6-8
+# minutes of wall time: every solver at fp32 and fp16, with and without gradient checkpointing,
+# 3 timed G2D2 steps and 20 timed DPS / RED-Diff steps, host syncs counted, and one profiled step
+# per row (where the time of a step goes, for the overhead column).
+#   bash scripts/benchmark_gpu.sh                      # results in $OUT (the device tool's folder)
+#   BUDGET_S=300 CHECKPOINTING=off bash scripts/benchmark_gpu.sh   # a shorter run
+#   DEVICE=cpu SCALE=tiny OUT=/tmp/b bash scripts/benchmark_gpu.sh   # checks this script on a CPU
+# On a machine without diffusers, carry its wheels in .whl/ (see scripts/train_tiny_priors_gpu.sh).
+# Output: $OUT/benchmark.json, $OUT/benchmark.md, $OUT/profiles.tar (one table per row), $OUT/gpu.txt.
+# The JSON and Markdown are rewritten after every row: a run cut short still returns what finished.
+set -uo pipefail
+OUT=${OUT:-/tmp/bench_out}
+BUDGET_S=${BUDGET_S:-420}
+CHECKPOINTING=${CHECKPOINTING:-both}
+DEVICE=${DEVICE:-cuda}
+SCALE=${SCALE:-full}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers" 2>/dev/null; then  # carried as wheels in .whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
+python3 scripts/benchmark.py --scale "$SCALE" --device "$DEVICE" --measure-steps 3 --measure-steps-pixel 20 \
+  --checkpointing "$CHECKPOINTING" --profile /tmp/bench_profiles --budget-s "$BUDGET_S" \
+  --out "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" > "$OUT/benchmark.log" 2>&1
+status=$?
+tar -cf "$OUT/profiles.tar" -C /tmp bench_profiles 2>/dev/null || true
+tail -n 40 "$OUT/benchmark.log"
+cat "$OUT/benchmark.md" 2>/dev/null
+exit $status
