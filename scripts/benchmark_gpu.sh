@@ -16,13 +16,8 @@ CHECKPOINTING=${CHECKPOINTING:-both}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-full}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers" 2>/dev/null; then  # carried as wheels in .whl/
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+# diffusers from the carried wheels when missing; the repository on PYTHONPATH
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 scripts/benchmark.py --scale "$SCALE" --device "$DEVICE" --measure-steps 3 --measure-steps-pixel 20 \
   --checkpointing "$CHECKPOINTING" --profile /tmp/bench_profiles --budget-s "$BUDGET_S" \

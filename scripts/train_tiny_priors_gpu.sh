@@ -20,13 +20,8 @@ MIN_DDPM=${MIN_DDPM:-3.6}
 W=${W:-/tmp/tiny_weights}
 WD=${WD:-/tmp/tiny_work}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers" 2>/dev/null; then  # carried as wheels in .whl/
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+# diffusers from the carried wheels when missing; the repository on PYTHONPATH
+source scripts/gpu_env.sh
 python3 -c "import torch, diffusers, skimage, sklearn; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'skimage', skimage.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
