@@ -10,9 +10,14 @@ positions in raster order; the mask token of a discrete prior is `num_codes` (th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+T = TypeVar("T")
 
 
 class DiscretePrior(nn.Module):
@@ -118,6 +123,15 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def per_device(cache: dict[str, T], device: torch.device | str, build: Callable[[], T]) -> T:
+    """`cache[str(device)]`, built by `build()` the first time: tables a prior keeps on each device it
+    runs on, so a sampling step indexes them there instead of copying them from the host."""
+    key = str(device)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def enable_checkpointing(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.vq_schedule import vq_diffusion_schedules
-from g2d2.priors.base import DiscretePrior, enable_checkpointing, freeze, precision_dtype
+from g2d2.priors.base import DiscretePrior, enable_checkpointing, freeze, per_device, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -252,10 +252,7 @@ class VQDiffusionPrior(DiscretePrior):
 
     def _timestep_ids(self, device: torch.device) -> torch.Tensor:
         """arange(T) on `device`, made once per device."""
-        key = str(device)
-        if key not in self._timestep_ids_on:
-            self._timestep_ids_on[key] = torch.arange(self.num_timesteps, device=device)
-        return self._timestep_ids_on[key]
+        return per_device(self._timestep_ids_on, device, lambda: torch.arange(self.num_timesteps, device=device))
 
     # ---------------------------------------------------------------- VQ decoder / encoder
     def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from g2d2.noise.ddpm import ddpm_chain, linear_betas
-from g2d2.priors.base import PixelPrior, enable_checkpointing, freeze, precision_dtype
+from g2d2.priors.base import PixelPrior, enable_checkpointing, freeze, per_device, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 from g2d2.priors.guided_diffusion import load_adm_unet
 
@@ -178,16 +178,13 @@ class DDPMPrior(PixelPrior):
         Indexing these with a Python int is a view on the device: a sampling step copies nothing from
         the host (a host-to-device copy from pageable memory synchronises the CUDA stream).
         """
-        key = str(device)
-        if key not in self._tables_on:
-            f32 = {"device": device, "dtype": torch.float32}
-            self._tables_on[key] = {
-                "t": torch.arange(self.num_train_timesteps, device=device),
-                "alphas_cumprod": self.alphas_cumprod.to(**f32),
-                "log_beta": self._log_beta.to(**f32),
-                "log_beta_tilde": self._log_beta_tilde.to(**f32),
-            }
-        return self._tables_on[key]
+        f32 = {"device": device, "dtype": torch.float32}
+        return per_device(self._tables_on, device, lambda: {
+            "t": torch.arange(self.num_train_timesteps, device=device),
+            "alphas_cumprod": self.alphas_cumprod.to(**f32),
+            "log_beta": self._log_beta.to(**f32),
+            "log_beta_tilde": self._log_beta_tilde.to(**f32),
+        })
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(eps, log_variance | None), both (B, 3, H, W) float32; differentiable w.r.t. x_t.
