@@ -240,3 +240,13 @@ def test_gradient_checkpointing_recomputes_the_unet_with_the_same_gradient(tmp_p
         for flag in (False, True)
     ]
     torch.testing.assert_close(samples[1], samples[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("solver_name", ["red_diff", "dps"])
+def test_pixel_solver_selects_the_tiny_ddpm_unless_a_prior_is_chosen(solver_name: str) -> None:
+    # `-m solver=g2d2,dps` sweeps without a prior mismatch: each solver brings its default prior
+    choice = lambda overrides: compose_config(overrides, return_hydra_config=True).hydra.runtime.choices.prior  # noqa: E731
+    assert choice([f"solver={solver_name}"]) == "tiny_ddpm"
+    assert choice([f"solver={solver_name}", "prior=adm_ffhq"]) == "adm_ffhq"
+    assert choice([f"+method={solver_name}_ffhq"]) == "adm_ffhq"
+    assert choice(["solver=g2d2"]) == "tiny_vq"
