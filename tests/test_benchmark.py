@@ -4,7 +4,6 @@ its step clock and host-sync counter with a toy solver and a fake clock."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from g2d2.solvers.base import NonFiniteError
 
@@ -86,10 +86,7 @@ def test_tiny_benchmark_markdown(tiny_run: tuple[dict, str, float]) -> None:
 # ----------------------------------------------------------------- step clock and sync counter, no subprocess
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 class ToyNet(torch.nn.Module):

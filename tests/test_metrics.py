@@ -6,7 +6,6 @@ LPIPS tests need the real trunk weights in the torch hub cache; CI installs them
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import warnings
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from g2d2.metrics import (
     LPIPS,
@@ -25,16 +25,12 @@ from g2d2.metrics import (
     ssim,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install_lpips_weights.py"
 NOISE_STDS = (0.02, 0.05, 0.1, 0.2)
 
 
 @pytest.fixture(scope="module")
 def install_script():
-    spec = importlib.util.spec_from_file_location("install_lpips_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("install_lpips_weights")
 
 
 @pytest.fixture(scope="module")

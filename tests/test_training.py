@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -10,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from g2d2 import synthetic
 from g2d2 import training as T
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 # ------------------------------------------------------------------------------------------------ data
