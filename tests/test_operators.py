@@ -143,6 +143,34 @@ def test_blur_keeps_constant_images() -> None:
     torch.testing.assert_close(op(c), c, rtol=0, atol=1e-12)  # reflect padding: no dark borders
 
 
+def test_blur_spectrum_is_computed_once_per_dtype(monkeypatch) -> None:
+    op = GaussianBlur(64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = (op(x), op.adjoint(x), op(x.double()))
+    built = []
+    build = type(op)._kernel_spectrum
+    monkeypatch.setattr(type(op), "_kernel_spectrum", lambda self, dtype: built.append(dtype) or build(self, dtype))
+    fresh = GaussianBlur(64, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # as a solver does at every step
+        again = (fresh(x), fresh.adjoint(x), fresh(x.double()))
+    assert built == [torch.float32, torch.float64]
+    for a, b in zip(again, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fresh.to("cpu")  # moving the operator empties its cache
+    fresh(x)
+    assert built == [torch.float32, torch.float64, torch.float32]
+
+
+def test_operators_cast_their_float64_tensors_once_per_dtype() -> None:
+    op = SuperResolution(64, factor=4)
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float32)
+    op(x)
+    r32 = op.as_dtype("matrix", torch.float32)
+    op(x), op.adjoint(op(x))
+    assert op.as_dtype("matrix", torch.float32) is r32  # the same tensor: cast once
+    assert op.as_dtype("matrix", torch.float64) is op.matrix  # already that dtype: no copy
+
+
 @pytest.mark.parametrize("name", RANDOM)
 def test_state_is_seeded(name: str) -> None:
     a, b, c = build(name, 0), build(name, 0), build(name, 1)

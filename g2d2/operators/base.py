@@ -11,6 +11,8 @@ passed in, so the runner can build one operator per image from a generator seede
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 
 
@@ -76,8 +78,22 @@ class LinearOperator:
         """The random draws (mask, kernel, permutation, ...) that define this operator, for saving."""
         return {}
 
+    def cached(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`build()`, computed once per key: what a solver's every step would otherwise recompute (a
+        float32 copy of a float64 matrix, a kernel's spectrum). `to` empties the cache."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def as_dtype(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor attribute `name` in `dtype` (cast once per dtype; itself when it already is)."""
+        value = getattr(self, name)
+        return value if value.dtype == dtype else self.cached((name, dtype), lambda: value.to(dtype))
+
     def to(self, device: torch.device | str) -> LinearOperator:
-        """Move every tensor attribute to `device` (in place) and return self."""
+        """Move every tensor attribute to `device` (in place), empty the cache, and return self."""
+        self.__dict__.pop("_cache", None)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))

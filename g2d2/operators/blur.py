@@ -76,6 +76,11 @@ class _Blur(LinearOperator):
         self.pad_index = reflect_indices(image_size, self.pad)  # (H + 2p,)
 
     def _spectrum(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel's spectrum (see `_kernel_spectrum`), computed once per dtype: a solver applies the
+        operator (and its adjoint) at every step, the kernel never changes."""
+        return self.cached(("spectrum", dtype), lambda: self._kernel_spectrum(dtype))
+
+    def _kernel_spectrum(self, dtype: torch.dtype) -> torch.Tensor:
         """rfft2 of the kernel centred at (0, 0) of the (L, L) padded grid, L = H + 2p."""
         n, p = self.image_size + 2 * self.pad, self.pad
         grid = torch.zeros(n, n, dtype=dtype, device=self.kernel.device)

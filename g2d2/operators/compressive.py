@@ -60,8 +60,8 @@ class CompressiveSensing(LinearOperator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, m)."""
         self.check_image(x)
-        c = self.dct.to(x.dtype)
-        coeffs = c @ (x * self.signs.to(x.dtype)) @ c.T  # (B, C, H, W)
+        c = self.as_dtype("dct", x.dtype)
+        coeffs = c @ (x * self.as_dtype("signs", x.dtype)) @ c.T  # (B, C, H, W)
         return coeffs.flatten(1)[:, self.indices]
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
@@ -71,11 +71,11 @@ class CompressiveSensing(LinearOperator):
                 f"CompressiveSensing expects measurements of shape (B, {self.num_measurements}), "
                 f"got {tuple(y.shape)}"
             )
-        c = self.dct.to(y.dtype)
+        c = self.as_dtype("dct", y.dtype)
         coeffs = y.new_zeros(y.shape[0], math.prod(self.image_shape))
         coeffs[:, self.indices] = y
         coeffs = coeffs.view(y.shape[0], *self.image_shape)
-        return (c.T @ coeffs @ c) * self.signs.to(y.dtype)
+        return (c.T @ coeffs @ c) * self.as_dtype("signs", y.dtype)
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """Exact Moore-Penrose inverse A^+ = A^T (rows of A are orthonormal)."""

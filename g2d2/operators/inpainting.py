@@ -25,13 +25,13 @@ class _Masking(LinearOperator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) with missing pixels set to 0."""
         self.check_image(x)
-        return x * self.mask.to(x.dtype)
+        return x * self.as_dtype("mask", x.dtype)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.mask.to(y.dtype)
+        return y * self.as_dtype("mask", y.dtype)
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.mask.to(y.dtype)
+        return y * self.as_dtype("mask", y.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"mask": self.mask}

@@ -102,21 +102,18 @@ class SuperResolution(LinearOperator):
         else:
             self.matrix_pinv = torch.linalg.pinv(self.matrix)  # (H, h), R^+
 
-    @staticmethod
-    def _apply(left: torch.Tensor, x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """left @ x @ right^T over the last two axes, computed in x's dtype."""
-        left, right = left.to(x.dtype), right.to(x.dtype)
-        return left @ x @ right.T
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H / factor, W / factor)."""
+        """(B, C, H, W) -> (B, C, H / factor, W / factor), R x R^T in x's dtype."""
         self.check_image(x)
-        return self._apply(self.matrix, x, self.matrix)
+        r = self.as_dtype("matrix", x.dtype)
+        return r @ x @ r.T
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, C, H, W), exactly R^T y R."""
-        return self._apply(self.matrix.T, y, self.matrix.T)
+        r = self.as_dtype("matrix", y.dtype)
+        return r.T @ y @ r
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """Exact Moore-Penrose inverse, (B, C, h, w) -> (B, C, H, W)."""
-        return self._apply(self.matrix_pinv, y, self.matrix_pinv)
+        r_pinv = self.as_dtype("matrix_pinv", y.dtype)
+        return r_pinv @ y @ r_pinv.T
