@@ -79,7 +79,7 @@ class DPS(Solver):
         noise_gen = device_generator(generator, y.device)
         guard = FiniteGuard("DPS sample x_t", self.check_every)
         shape = (y.shape[0], *operator.image_shape)
-        x = torch.randn(shape, generator=noise_gen, device=noise_gen.device).to(y.device)  # x_T ~ N(0, I)
+        x = randn_like(torch.empty(shape, device=y.device), noise_gen)  # x_T ~ N(0, I), float32
         n = len(timesteps)
         for step, t in enumerate(tqdm(timesteps.tolist(), disable=not progress, desc="DPS", leave=False)):
             i = n - 1 - step
