@@ -589,7 +589,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", choices=("full", "tiny"), default="full", help="full: real shapes, 256 px; tiny: smoke")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--solvers", default="g2d2,red_diff,dps,pinv", help=f"comma list of {list(SOLVERS)}")
-    p.add_argument("--precisions", default="fp32,fp16", help=f"comma list of {PRECISIONS} (network dtype)")
+    p.add_argument("--precisions", default="fp32,fp16",
+                   help=f"comma list of {tuple(PRECISIONS)}: weight dtype; amp_* = fp32 weights under autocast")
     p.add_argument("--pixel-priors", default="adm_ffhq,adm_imagenet", help="comma list of adm_ffhq, adm_imagenet")
     p.add_argument("--task", default="sr4", help="conf/task/<task>.yaml")
     p.add_argument("--measure-steps", type=int, default=5, help="outer steps timed for G2D2")

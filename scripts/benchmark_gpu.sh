@@ -5,6 +5,7 @@
 # per row (where the time of a step goes, for the overhead column).
 #   bash scripts/benchmark_gpu.sh                      # results in $OUT (the device tool's folder)
 #   BUDGET_S=300 CHECKPOINTING=off bash scripts/benchmark_gpu.sh   # a shorter run
+#   PRECISIONS=fp32,fp16,amp_bf16 bash scripts/benchmark_gpu.sh       # add the autocast rows (longer)
 #   DEVICE=cpu SCALE=tiny OUT=/tmp/b bash scripts/benchmark_gpu.sh   # checks this script on a CPU
 # On a machine without diffusers, carry its wheels in .whl/ (see scripts/train_tiny_priors_gpu.sh).
 # Output: $OUT/benchmark.json, $OUT/benchmark.md, $OUT/profiles.tar (one table per row), $OUT/gpu.txt.
@@ -13,6 +14,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 BUDGET_S=${BUDGET_S:-420}
 CHECKPOINTING=${CHECKPOINTING:-both}
+PRECISIONS=${PRECISIONS:-fp32,fp16}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-full}
 mkdir -p "$OUT"
@@ -20,7 +22,7 @@ mkdir -p "$OUT"
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 scripts/benchmark.py --scale "$SCALE" --device "$DEVICE" --measure-steps 3 --measure-steps-pixel 20 \
-  --checkpointing "$CHECKPOINTING" --profile /tmp/bench_profiles --budget-s "$BUDGET_S" \
+  --precisions "$PRECISIONS" --checkpointing "$CHECKPOINTING" --profile /tmp/bench_profiles --budget-s "$BUDGET_S" \
   --out "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" > "$OUT/benchmark.log" 2>&1
 status=$?
 tar -cf "$OUT/profiles.tar" -C /tmp bench_profiles 2>/dev/null || true

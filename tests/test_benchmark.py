@@ -215,7 +215,7 @@ def test_checkpointing_rows_and_profiled_steps(tmp_path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable, str(SCRIPT), "--scale", "tiny", "--device", "cpu", "--solvers", "dps",
-        "--pixel-priors", "adm_ffhq", "--precisions", "fp32", "--checkpointing", "both",
+        "--pixel-priors", "adm_ffhq", "--precisions", "fp32,amp_bf16", "--checkpointing", "both",
         "--measure-steps-pixel", "1", "--bare-reps", "1", "--profile", str(tmp_path / "profiles"),
         "--out", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md"), "--workdir", str(tmp_path / "ckpt"),
     ]
@@ -223,7 +223,7 @@ def test_checkpointing_rows_and_profiled_steps(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["precision"], r["checkpointing"], r["status"]) for r in rows] == [
-        ("fp32", False, "ok"), ("fp32+ckpt", True, "ok")
+        ("fp32", False, "ok"), ("fp32+ckpt", True, "ok"), ("amp_bf16", False, "ok"), ("amp_bf16+ckpt", True, "ok")
     ]
     for r in rows:  # one profiled DPS step per row: the UNet's convolutions are in the table
         text = Path(r["profile"]).read_text()

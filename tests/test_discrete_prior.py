@@ -152,6 +152,40 @@ def test_low_precision_networks_keep_float32_outputs(tiny_dirs, precision):
     assert x.dtype == torch.float32 and probs.grad is not None and torch.isfinite(probs.grad).all()
 
 
+def _record_output_dtypes(module: torch.nn.Module, kind: type) -> list[torch.dtype]:
+    """Forward hooks on every submodule of type `kind`: the dtypes of their outputs, in call order."""
+    seen: list[torch.dtype] = []
+    for m in module.modules():
+        if isinstance(m, kind):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+def test_mixed_precision_runs_fp32_weights_in_bf16(tiny_dirs, guided):
+    """precision=amp_bf16: float32 weights, the transformer's and decoder's layers compute in bf16,
+    outputs float32 and close to the fp32 prior's, gradients reach the probabilities."""
+    prior = VQDiffusionPrior(str(tiny_dirs["text"]), prompt=PROMPT, guidance_scale=3.0, precision="amp_bf16")
+    assert prior.transformer.dtype == prior.vqvae.dtype == torch.float32
+    linear = _record_output_dtypes(prior.transformer, torch.nn.Linear)
+    conv = _record_output_dtypes(prior.vqvae.decoder, torch.nn.Conv2d)
+    tokens = torch.randint(0, TINY_CODES + 1, (2, 64), generator=torch.Generator().manual_seed(1))
+    out, ref = prior.log_p_x0(tokens, 5), guided.log_p_x0(tokens, 5)
+    assert out.dtype == torch.float32 and set(linear) == {torch.bfloat16}
+    torch.testing.assert_close(out.logsumexp(1), torch.zeros(2, 64), rtol=0, atol=1e-5)
+    assert not torch.equal(out, ref) and (out.exp() - ref.exp()).abs().max() < 0.05
+    probs = torch.softmax(torch.randn(2, TINY_CODES, 64, generator=torch.Generator().manual_seed(2)), 1)
+    probs.requires_grad_(True)
+    x = prior.decode(probs)
+    x.square().sum().backward()
+    assert x.dtype == torch.float32 and set(conv) == {torch.bfloat16}
+    assert torch.isfinite(probs.grad).all() and probs.grad.abs().sum() > 0
+    with torch.no_grad():
+        x32 = guided.decode(probs)
+    assert (x.detach() - x32).abs().max() < 0.05 * x32.abs().max()
+    # the weights never changed dtype: the autocast is scoped to the prior's network calls
+    assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
+
+
 @pytest.mark.parametrize("missing", ["vqvae", "transformer", "scheduler", "text_encoder", "tokenizer"])
 def test_missing_component_is_a_clear_error(tiny_dirs, tmp_path, missing):
     broken = tmp_path / "broken"

@@ -171,6 +171,25 @@ def test_precision_and_bad_precision(tmp_path) -> None:
         DDPMPrior(str(tmp_path), precision="fp8")
 
 
+def test_mixed_precision_keeps_fp32_weights_and_computes_in_bf16(tmp_path) -> None:
+    """precision=amp_bf16: the UNet's convolutions run in bf16 on float32 weights; eps is float32,
+    close to the fp32 prior's, and differentiable w.r.t. x_t (what DPS needs)."""
+    save_tiny(tmp_path)
+    prior = DDPMPrior(str(tmp_path), precision="amp_bf16")
+    assert prior.unet.dtype == torch.float32
+    seen = []
+    for m in prior.unet.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    eps = prior.eps(x, 500)
+    (grad,) = torch.autograd.grad(eps.square().sum(), x)
+    assert eps.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    eps32 = DDPMPrior(str(tmp_path)).eps(x, 500)
+    assert not torch.equal(eps, eps32) and (eps - eps32).abs().max() < 0.1 * eps32.abs().max()
+
+
 @pytest.mark.parametrize("solver_name", ["red_diff", "dps"])
 def test_solver_configs_compose_with_ddpm_schedule(tmp_path, solver_name: str) -> None:
     """solver=red_diff|dps selects noise_schedule=ddpm by itself; a command-line choice still wins."""

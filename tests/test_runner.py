@@ -144,3 +144,23 @@ def test_image_size_too_small_for_lpips_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="lpips_net=alex cannot score 16 px images.*lpips_net=vgg"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_mixed_precision_run_and_bad_precision(tmp_path):
+    """precision=amp_bf16 runs G2D2 on the embedded prior end to end (weights stay fp32, finite metrics);
+    an unknown precision is refused before anything is loaded, naming the accepted values."""
+    from conftest import compose_config
+
+    from g2d2.runner import ConfigError, run
+
+    overrides = [
+        "solver=g2d2", "task=denoise", "data.limit=1", "batch_size=1", "solver.num_steps=2", "solver.inner_iters=1",
+        "logger=none", "device=cpu", "save_images=false", "progress=false",
+    ]
+    summary = run(compose_config([*overrides, "precision=amp_bf16"]), tmp_path / "amp")
+    assert summary["num_images"] == 1 and summary["num_failed"] == 0
+    assert summary["config"]["precision"] == "amp_bf16"
+    assert all(math.isfinite(summary["metrics"][k]["mean"]) for k in ("psnr", "ssim", "lpips"))
+    with pytest.raises(ConfigError, match="precision must be one of .*amp_bf16.*got 'fp8'"):
+        run(compose_config([*overrides, "precision=fp8"]), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

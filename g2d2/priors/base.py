@@ -11,6 +11,7 @@ positions in raster order; the mask token of a discrete prior is `num_codes` (th
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 import torch
@@ -106,15 +107,31 @@ class PixelPrior(nn.Module):
         raise NotImplementedError
 
 
-#: the `precision` option of every prior: the dtype its networks run in (logits and losses stay fp32)
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the `precision` option of every prior -> the dtype its networks' weights are stored in. fp16 / bf16
+#: cast the weights (half the weight memory); amp_fp16 / amp_bf16 keep float32 weights and run the
+#: networks under torch.autocast in the half dtype (mixed precision). Logits and losses stay float32.
+PRECISIONS = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+    "amp_fp16": torch.float32, "amp_bf16": torch.float32,
+}
+#: the autocast compute dtype of the mixed-precision names
+AUTOCAST = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    """torch dtype of a `precision` name; a clear ValueError listing the accepted names otherwise."""
+    """Weight dtype of a `precision` name; a clear ValueError listing the accepted names otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
+
+
+def network_autocast(precision: str, device: torch.device | str) -> AbstractContextManager:
+    """The context a prior runs its networks in: torch.autocast to the half dtype for amp_fp16 /
+    amp_bf16 on `device`'s type, a no-op context for the plain precisions."""
+    dtype = AUTOCAST.get(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def freeze(module: nn.Module) -> nn.Module:

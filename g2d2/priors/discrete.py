@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.vq_schedule import vq_diffusion_schedules
-from g2d2.priors.base import DiscretePrior, enable_checkpointing, freeze, per_device, precision_dtype
+from g2d2.priors.base import (
+    DiscretePrior,
+    enable_checkpointing,
+    freeze,
+    network_autocast,
+    per_device,
+    precision_dtype,
+)
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -70,8 +77,8 @@ class VQDiffusionPrior(DiscretePrior):
         guidance_scale: classifier-free guidance s, l = l_u + s (l_c - l_u) in log space (1 = off).
         allow_download: let a missing hub id be downloaded.
         device: where the networks live.
-        precision: "fp32" | "fp16" | "bf16" for the networks; codebook, logits and decode
-            outputs stay float32.
+        precision: "fp32" | "fp16" | "bf16" weights of the networks, or "amp_fp16" | "amp_bf16" (float32
+            weights, networks run under autocast); codebook, logits and decode outputs stay float32.
         gradient_checkpointing: recompute the VQ decoder's block activations in the backward pass of
             the relaxed decode (less memory for G2D2; same gradients, slower).
     Raises:
@@ -95,6 +102,7 @@ class VQDiffusionPrior(DiscretePrior):
         from diffusers.utils import is_accelerate_available
 
         dtype = precision_dtype(precision)
+        self.precision = precision
         if prompt and prompt_from_data:
             raise ValueError(f"prompt={prompt!r} and prompt_from_data=true exclude each other; set one of them")
         if guidance_scale != 1.0 and not (prompt or prompt_from_data):
@@ -233,6 +241,13 @@ class VQDiffusionPrior(DiscretePrior):
                 )
         # one timestep per batch (ada_norm), a view of a device table: no host-to-device copy per step
         timestep = self._timestep_ids(tokens_t.device)[int(t)]
+        with network_autocast(self.precision, tokens_t.device):
+            logits = self._guided_logits(tokens_t, timestep)
+        return (logits - torch.logsumexp(logits, dim=1, keepdim=True)).clamp(min=LOG_CLAMP)
+
+    def _guided_logits(self, tokens_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """Transformer logits (B, K, N) float32, with classifier-free guidance when it is on."""
+        batch = tokens_t.shape[0]
         if self.uncond_embedding is None:
             # 1. unconditional transformer: no text input at all
             logits = self.transformer(tokens_t, timestep=timestep).sample
@@ -247,8 +262,7 @@ class VQDiffusionPrior(DiscretePrior):
             out = self.transformer(torch.cat([tokens_t, tokens_t]), encoder_hidden_states=text, timestep=timestep)
             l_u, l_c = out.sample.float().chunk(2)
             logits = l_u + self.guidance_scale * (l_c - l_u)
-        logits = logits.float()
-        return (logits - torch.logsumexp(logits, dim=1, keepdim=True)).clamp(min=LOG_CLAMP)
+        return logits.float()
 
     def _timestep_ids(self, device: torch.device) -> torch.Tensor:
         """arange(T) on `device`, made once per device."""
@@ -262,7 +276,8 @@ class VQDiffusionPrior(DiscretePrior):
         quant = emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)  # (B, d, h, w), raster order
         quant = quant.to(self.vqvae.dtype)
         spatial = quant if self.vqvae.config.norm_type == "spatial" else None
-        return self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
+        with network_autocast(self.precision, quant.device):
+            return self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
 
     def decode(self, probs: torch.Tensor) -> torch.Tensor:
         """Relaxed decode: (B, K, N) probs -> probs^T E (B, N, d) -> decoder; differentiable w.r.t. probs.
@@ -283,7 +298,8 @@ class VQDiffusionPrior(DiscretePrior):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> encoder + quant_conv -> nearest code ids (B, N)."""
-        h = self.vqvae.quant_conv(self.vqvae.encoder(x.to(self.vqvae.dtype))).float()  # (B, d, h, w)
+        with network_autocast(self.precision, x.device):
+            h = self.vqvae.quant_conv(self.vqvae.encoder(x.to(self.vqvae.dtype))).float()  # (B, d, h, w)
         z = h.flatten(2).transpose(1, 2)  # (B, N, d)
         dist = (z**2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + (self.codebook**2).sum(-1)  # (B, N, K)
         return dist.argmin(dim=-1)

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from g2d2.noise.ddpm import ddpm_chain, linear_betas
-from g2d2.priors.base import PixelPrior, enable_checkpointing, freeze, per_device, precision_dtype
+from g2d2.priors.base import PixelPrior, enable_checkpointing, freeze, network_autocast, per_device, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
 from g2d2.priors.guided_diffusion import load_adm_unet
 
@@ -101,7 +101,8 @@ class DDPMPrior(PixelPrior):
             convolutional, so another size (a multiple of 2^(levels-1)) runs, off its training domain.
         allow_download: let a missing Hugging Face id be downloaded.
         device: where the network runs.
-        precision: "fp32" | "fp16" | "bf16": dtype of the network; inputs and outputs stay float32.
+        precision: "fp32" | "fp16" | "bf16": dtype of the network's weights, or "amp_fp16" | "amp_bf16":
+            float32 weights run under autocast; inputs and outputs stay float32.
         gradient_checkpointing: recompute the UNet's block activations in the backward pass (less
             memory for DPS, which differentiates through the network; same gradients, slower).
     Raises:
@@ -160,7 +161,7 @@ class DDPMPrior(PixelPrior):
         self._log_beta = chain.betas.log()
         self._log_beta_tilde = chain.posterior_log_variance_clipped
         self._tables_on: dict[str, dict[str, torch.Tensor]] = {}  # device -> float32 copies (see _tables)
-        self.dtype = dtype
+        self.dtype, self.precision = dtype, precision
         self.unet.to(device)
         if self.unet.dtype != self.dtype:
             self.unet.to(self.dtype)
@@ -202,7 +203,8 @@ class DDPMPrior(PixelPrior):
             return tables[name][index].reshape(-1, 1, 1, 1)
 
         timesteps = tables["t"][index].expand(b)
-        out = self.unet(x_t.to(self.dtype), timesteps).sample.float()  # (B, C or 2C, H, W)
+        with network_autocast(self.precision, x_t.device):
+            out = self.unet(x_t.to(self.dtype), timesteps).sample.float()  # (B, C or 2C, H, W)
         c = x_t.shape[1]
         pred, v = (out[:, :c], out[:, c:]) if self.learned_variance else (out, None)
         if self.prediction_type != "epsilon":
