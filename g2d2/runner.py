@@ -3,7 +3,7 @@
 Nothing here is model-specific: components come from `hydra.utils.instantiate`, and the loop only
 uses the interfaces of g2d2.operators.base, g2d2.priors.base and g2d2.solvers.base.
 Outputs in `output_dir`: metrics.jsonl (one line per finished image, flushed), images/*.png,
-operators/*.safetensors (the mask / kernel / permutation each image was measured with),
+operators/<index>.safetensors (the mask / kernel / permutation each image was measured with),
 summary.json (means, std, counts, config, versions) and run_config.json (for resume checks).
 """
 
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from g2d2 import metrics as quality
+from g2d2.operators.base import LinearOperator, per_image
 from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
 from g2d2.provenance import environment_info
 from g2d2.results import MetricsFile, summarize, write_json_atomic
@@ -114,6 +115,15 @@ def data_prompts(prior: torch.nn.Module | None, data: Any) -> list[str] | None:
     return prompts
 
 
+def save_operator_state(operator: LinearOperator, path: Path) -> None:
+    """The operator's random draws (mask, kernel, CS signs / indices) as safetensors; nothing when it has none."""
+    state = {k: v.detach().cpu().contiguous() for k, v in operator.state().items()}
+    if state:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+
+
 def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done: list[dict[str, Any]]) -> None:
     """Refuse to mix results of different configs in one folder."""
     import json
@@ -196,12 +206,17 @@ def run(
     for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
         names, images = zip(*(data[i] for i in batch), strict=True)
         x = torch.stack(images).to(device)
-        # one generator per batch, seeded by (seed, first image index): with batch_size=1, per image
-        generator = image_generator(cfg.seed, batch[0])
+        # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
+        # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
+        # The solver's draws continue the first image's generator (with batch_size=1, per image).
+        generators = [image_generator(cfg.seed, i) for i in batch]
+        generator = generators[0]
         if prompts is not None:
             prior.set_prompts([prompts[i] for i in batch])
-        operator = instantiate(cfg.task.operator, generator=generator).to(device)
-        y = operator.measure(x, cfg.task.sigma, generator)
+        operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
+        pairs = enumerate(zip(operators, generators, strict=True))
+        y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
+        operator = per_image(operators)
         error = None
         with measure_cost(device) as cost:
             try:
@@ -218,11 +233,8 @@ def run(
                     "lpips": lpips(x_hat, x).tolist(),
                 }
             view = operator.pinv(y).clamp(-1, 1)
-        state = {k: v.detach().cpu().contiguous() for k, v in operator.state().items()}
-        if state:
-            from safetensors.torch import save_file
-
-            save_file(state, str(output_dir / "operators" / f"{batch[0]:05d}.safetensors"))
+        for index, op in zip(batch, operators, strict=True):
+            save_operator_state(op, output_dir / "operators" / f"{index:05d}.safetensors")
         for j, (index, name) in enumerate(zip(batch, names, strict=True)):
             if index in done:
                 continue  # finished before an interruption inside this batch

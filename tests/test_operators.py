@@ -20,6 +20,7 @@ from g2d2.operators import (
     RandomInpainting,
     SuperResolution,
 )
+from g2d2.operators.base import PerImageOperators, per_image
 from g2d2.operators.resize import symmetric_pad_indices
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -178,6 +179,31 @@ def test_state_is_seeded(name: str) -> None:
     assert sa and sa.keys() == sb.keys() == sc.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_per_image_operators_apply_row_i_with_operator_i(name: str) -> None:
+    """A batch measured image by image: row i goes through operator i, the adjoint identity holds,
+    and operators without their own draw collapse to one (no per-row loop)."""
+    ops = [build(name, seed) for seed in (0, 1, 2)]
+    batch = per_image(ops)
+    if name not in RANDOM:
+        assert batch is ops[0]
+        return
+    assert isinstance(batch, PerImageOperators)
+    x = rand_image(batch=3)
+    y = torch.randn_like(batch(x))
+    for i, op in enumerate(ops):
+        for method, arg in (("forward", x), ("adjoint", y), ("pinv", y)):
+            torch.testing.assert_close(getattr(batch, method)(arg)[i : i + 1], getattr(op, method)(arg[i : i + 1]))
+    lhs, rhs = (batch(x) * y).sum(), (x * batch.adjoint(y)).sum()
+    assert abs(lhs - rhs) <= 1e-10 * max(abs(lhs), abs(rhs), 1.0)
+    assert not torch.equal(batch(x)[0], ops[0](x[1:2])[0])  # the rows really differ in their operator
+    with pytest.raises(ValueError, match="3 per-image operators, got a batch of 2"):
+        batch(x[:2])
+    assert per_image([ops[0], build(name, 0)]) is ops[0]  # equal draws: one operator
+    with pytest.raises(ValueError, match="at least one"):
+        per_image([])
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -114,7 +114,7 @@ def test_same_command_gives_bit_identical_results(runs):
         assert quality_summary(job_a) == quality_summary(job_b)
         # what each run drew: the operators (box masks) and the measurements, saved only as safetensors
         ops_a, ops_b = operators(job_a), operators(job_b)
-        assert list(ops_a) == ["00000.safetensors", "00002.safetensors"]  # one file per batch
+        assert list(ops_a) == ["00000.safetensors", "00001.safetensors", "00002.safetensors"]  # one per image
         for name in ops_a:
             assert ops_a[name].keys() == ops_b[name].keys() == {"mask"}
             assert all(torch.equal(ops_a[name][k], ops_b[name][k]) for k in ops_a[name])
@@ -238,7 +238,7 @@ def test_diverging_solver_fails_its_images_and_the_sweep_goes_on(tmp_path):
     assert summary["num_images"] == 0 and summary["num_failed"] == 2
     assert [f["index"] for f in summary["failed"]] == [0, 1]
     assert all("RED-Diff estimate mu became NaN/Inf between steps 0 and 2" in f["error"] for f in summary["failed"])
-    assert all(summary["metrics"][k] == {"mean": None, "std": None, "count": 0} for k in QUALITY)
+    assert all(summary["metrics"][k] == {"mean": None, "std": None, "count": 0, "excluded": 0} for k in QUALITY)
     assert [r["status"] for r in records(bad)] == ["nonfinite", "nonfinite"]
     assert not list((bad / "images").glob("*_recon.png"))
     log = (bad / "run.log").read_text()
@@ -253,13 +253,16 @@ def test_summary_mixes_finished_and_failed_images_without_nan():
         {"index": 1, "name": "b", "status": "nonfinite", "error": "mu became NaN/Inf", "seconds": 1.0},
         {"index": 0, "name": "a", "status": "ok", "psnr": 20.0, "ssim": 0.5, "lpips": float("nan"), "seconds": 2.0},
         {"index": 2, "name": "c", "status": "ok", "psnr": 22.0, "ssim": 0.7, "lpips": 0.25, "seconds": 4.0},
+        {"index": 3, "name": "d", "status": "ok", "psnr": float("inf"), "ssim": 1.0, "lpips": 0.0, "seconds": 3.0},
     ]
     summary = summarize(rs)
     json.dumps(summary, allow_nan=False)
-    assert summary["num_images"] == 2 and summary["num_failed"] == 1
+    assert summary["num_images"] == 3 and summary["num_failed"] == 1
     assert summary["failed"] == [{"index": 1, "name": "b", "error": "mu became NaN/Inf"}]
-    assert summary["metrics"]["psnr"] == {"mean": 21.0, "std": pytest.approx(2**0.5), "count": 2}
-    assert summary["metrics"]["lpips"] == {"mean": 0.25, "std": 0.0, "count": 1}
+    # a perfect reconstruction's PSNR (inf) and a NaN LPIPS are left out of the means, and counted
+    assert summary["metrics"]["psnr"] == {"mean": 21.0, "std": pytest.approx(2**0.5), "count": 2, "excluded": 1}
+    assert summary["metrics"]["lpips"] == {"mean": 0.125, "std": pytest.approx(0.125 * 2**0.5), "count": 2,
+                                           "excluded": 1}
     assert summary["metrics"]["seconds"]["mean"] == 3.0  # failed images do not enter the cost means
 
 

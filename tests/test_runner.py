@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import run_entry_point
 from PIL import Image
 
@@ -164,3 +165,23 @@ def test_mixed_precision_run_and_bad_precision(tmp_path):
     with pytest.raises(ConfigError, match="precision must be one of .*amp_bf16.*got 'fp8'"):
         run(compose_config([*overrides, "precision=fp8"]), tmp_path / "bad")
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_each_image_gets_its_own_operator_draw_at_any_batch_size(tmp_path):
+    """The problem posed for image i (mask, measurement noise) depends on (seed, i) only: batch_size=2 saves
+    one box per image, the two differ, and the pseudo-inverse scores equal those of batch_size=1."""
+    from conftest import compose_config
+    from safetensors.torch import load_file
+
+    from g2d2.runner import run
+
+    args = ["solver=pinv", "task=inpaint_box", "data.limit=3", "logger=none", "save_images=false", "progress=false"]
+    runs = {b: run(compose_config([*args, f"batch_size={b}"]), tmp_path / f"b{b}") for b in (1, 2)}
+    masks = {b: [load_file(str(tmp_path / f"b{b}" / "operators" / f"{i:05d}.safetensors"))["mask"] for i in range(3)]
+             for b in runs}
+    for i in range(3):
+        assert torch.equal(masks[1][i], masks[2][i])
+    assert not torch.equal(masks[2][0], masks[2][1])
+    scores = {b: [(r["psnr"], r["ssim"]) for r in read_jsonl(tmp_path / f"b{b}" / "metrics.jsonl")] for b in runs}
+    assert scores[1] == pytest.approx(scores[2], rel=1e-5)
+    assert [r["batch_size"] for r in read_jsonl(tmp_path / "b2" / "metrics.jsonl")] == [2, 2, 1]

@@ -6,7 +6,8 @@ of std `sigma` on the same scale. Solvers only ever call `forward`, `adjoint`, `
 
 Randomness (masks, kernels, CS permutations) is drawn once in `__init__` from the `generator`
 passed in, so the runner can build one operator per image from a generator seeded by
-(cfg.seed, image index) and save `state()` next to the results.
+(cfg.seed, image index) and save `state()` next to the results; `per_image` puts the operators of a
+batch together behind the same interface.
 """
 
 from __future__ import annotations
@@ -98,3 +99,54 @@ class LinearOperator:
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self
+
+
+class PerImageOperators(LinearOperator):
+    """The operators of a batch whose images each have their own draw (mask, kernel, CS signs):
+    row i of every call goes through operator i. Build it with `per_image`."""
+
+    def __init__(self, operators: list[LinearOperator]) -> None:
+        first = operators[0]
+        if any(op.image_shape != first.image_shape for op in operators):
+            shapes = [op.image_shape for op in operators]
+            raise ValueError(f"per-image operators must share one image shape, got {shapes}")
+        super().__init__(first.image_size, first.channels)
+        self.operators = list(operators)
+
+    def _rows(self, method: str, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] != len(self.operators):
+            raise ValueError(
+                f"this batch was measured with {len(self.operators)} per-image operators, got a batch of "
+                f"{t.shape[0]} in {method}"
+            )
+        return torch.cat([getattr(op, method)(t[i : i + 1]) for i, op in enumerate(self.operators)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rows("forward", x)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self._rows("adjoint", y)
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        return self._rows("pinv", y)
+
+    def to(self, device: torch.device | str) -> PerImageOperators:
+        for op in self.operators:
+            op.to(device)
+        return self
+
+
+def _same_state(a: LinearOperator, b: LinearOperator) -> bool:
+    sa, sb = a.state(), b.state()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def per_image(operators: list[LinearOperator]) -> LinearOperator:
+    """One operator for a batch measured image by image: the first one itself when all have the same
+    state (a deterministic task such as SR or Gaussian blur, or a batch of one), else a
+    `PerImageOperators` that applies operator i to row i."""
+    if not operators:
+        raise ValueError("per_image needs at least one operator")
+    if all(type(op) is type(operators[0]) and _same_state(op, operators[0]) for op in operators[1:]):
+        return operators[0]
+    return PerImageOperators(operators)
