@@ -65,12 +65,16 @@ class MetricsFile:
             os.fsync(handle.fileno())
 
 
-def _stats(values: list[float]) -> dict[str, float | int]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"mean": None, "std": None, "count": 0}
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "count": len(values)}
+def _stats(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean, sample std and count of the finite values; `excluded` counts the others (missing, NaN, or
+    +-inf such as the PSNR of a reconstruction equal to its ground truth), so a mean over fewer images
+    than were finished is visible."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    excluded = len(values) - len(finite)
+    if not finite:
+        return {"mean": None, "std": None, "count": 0, "excluded": excluded}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": statistics.fmean(finite), "std": std, "count": len(finite), "excluded": excluded}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
