@@ -12,6 +12,9 @@ Both reuse the preprocessing of g2d2.data (centre crop to a square, bicubic resi
   is one image per line, `<file name or relative path> [<class index 0..999>]`, as in the
   `imagenet_val_1k.txt` list used by DDRM / DDNM (one validation image per class). The class
   index, when given, yields the "a photo of <class>" prompt of the G2D2 ImageNet experiments.
+  Class names (`imagenet_class_names`): "full" = the WordNet labels of the public G2D2 code's
+  imagenet1000_clsidx_to_labels.txt ("tench, Tinca tinca"), shipped as g2d2/assets/imagenet_class_labels.txt;
+  "torchvision" = torchvision's short category names ("tench"); or a file of one name per line.
 """
 
 from __future__ import annotations
@@ -148,18 +151,40 @@ class ListedImageFolder(ImageSource):
         return image
 
 
-def imagenet_class_names(path: str | None = None) -> list[str]:
-    """The 1000 ImageNet class names in class-index order: one per line from `path`, or torchvision's."""
-    if path:
-        names = [line.strip() for line in Path(str(path)).expanduser().read_text(encoding="utf-8").splitlines()]
-        names = [n for n in names if n]
-    else:
+#: the 1000 full ImageNet labels, one per line in class-index order ("tench, Tinca tinca", ...): the WordNet
+#: lemmas of the ILSVRC-2012 synsets, identical to the imagenet1000_clsidx_to_labels.txt the public G2D2
+#: code builds its prompts from (taken from timm's imagenet_synsets.txt + imagenet_synset_to_lemma.txt)
+IMAGENET_FULL_LABELS = Path(__file__).resolve().parent / "assets" / "imagenet_class_labels.txt"
+#: named choices of `imagenet_class_names` (anything else is a path to a file)
+CLASS_NAME_SETS = ("full", "torchvision")
+
+
+def imagenet_class_names(source: str | None = None) -> list[str]:
+    """The 1000 ImageNet class names in class-index order.
+
+    Args:
+        source: "full" (the public G2D2 code's full labels, "tench, Tinca tinca"; shipped asset),
+            "torchvision" or None (torchvision's short names, "tench"), or a text file with one name
+            per line in index order.
+    """
+    if source is None or source == "torchvision":
         # torchvision ships the category names with its weight metadata (no download)
         from torchvision.models import ResNet50_Weights
 
         names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+        origin = "torchvision"
+    else:
+        path = IMAGENET_FULL_LABELS if source == "full" else Path(str(source)).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"ImageNet class-name file {path} does not exist; set data.class_names to "
+                f"{' or '.join(CLASS_NAME_SETS)} or to a file with one name per line"
+            )
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        origin = str(path)
     if len(names) != 1000:
-        raise DataError(f"expected 1000 ImageNet class names, got {len(names)} from {path or 'torchvision'}")
+        raise DataError(f"expected 1000 ImageNet class names, got {len(names)} from {origin}")
     return names
 
 
@@ -169,8 +194,9 @@ class ImageNetSubset(ListedImageFolder):
     Args:
         path, image_size, file_list, recursive, limit, offset: as ListedImageFolder.
         prompt_template: turns a class name into a prompt (G2D2: "a photo of {}").
-        class_names: optional text file with the 1000 class names (one per line, index order);
-            None = torchvision's ImageNet category names.
+        class_names: "full" (the public G2D2 code's labels, "tench, Tinca tinca"), "torchvision" or None
+            (torchvision's short names, "tench"), or a text file with the 1000 names (one per line, index
+            order); see `imagenet_class_names`.
     """
 
     def __init__(

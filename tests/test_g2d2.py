@@ -16,7 +16,7 @@ from g2d2.noise import MarkovPosterior, StarShaped
 from g2d2.priors.base import PixelPrior
 from g2d2.priors.discrete import VQDiffusionPrior
 from g2d2.solvers.base import NonFiniteError
-from g2d2.solvers.g2d2 import G2D2
+from g2d2.solvers.g2d2 import G2D2, kl_to_prior
 
 SIGMA = 0.05
 Z_TRUE = torch.tensor([[2, 1, 2, 0]])
@@ -152,6 +152,49 @@ def test_timesteps_and_log_linear_schedules():
     assert G2D2(num_steps=11).timesteps(10) == list(range(9, -1, -1))  # capped at T
 
 
+def test_kl_forms_equal_in_value_gradients_differ_by_softmax():
+    """kl_form: the public code's KL (alpha in place of log_softmax(alpha)) has the exact KL's value for
+    normalised alpha (as alpha is in the solver), but the gradient of lambda * KL differs by exactly
+    lambda * softmax(alpha); for unnormalised alpha the values differ by logsumexp(alpha)."""
+    gen = torch.Generator().manual_seed(3)
+    pi_t = torch.log_softmax(3.0 * torch.randn(2, 7, 5, generator=gen), dim=1)
+    alpha0 = torch.log_softmax(2.0 * torch.randn(2, 7, 5, generator=gen, dtype=torch.float64), dim=1).float()
+    kl_weight = 0.37
+    values, grads = {}, {}
+    for form in ("exact", "public"):
+        alpha = alpha0.clone().requires_grad_(True)
+        kl = kl_to_prior(alpha, pi_t, form)
+        assert kl.shape == (2,)
+        (kl_weight * kl.sum()).backward()
+        values[form], grads[form] = kl.detach(), alpha.grad
+    torch.testing.assert_close(values["public"], values["exact"], rtol=0, atol=1e-5)
+    # the exact value is the true KL, >= 0
+    q = alpha0.exp()
+    torch.testing.assert_close(values["exact"], (q * (q.log() - pi_t)).sum(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    assert (values["exact"] > 0).all()
+    torch.testing.assert_close(grads["public"] - grads["exact"], kl_weight * torch.softmax(alpha0, dim=1),
+                               rtol=0, atol=1e-6)
+    shifted = alpha0 + 1.5  # logsumexp = 1.5 per token: public adds 1.5 per token, exact is shift-invariant
+    torch.testing.assert_close(kl_to_prior(shifted, pi_t, "exact"), values["exact"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl_to_prior(shifted, pi_t, "public"), values["exact"] + 1.5 * 5, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="kl_form"):
+        kl_to_prior(alpha0, pi_t, "approx")
+
+
+def test_kl_form_public_solves_and_differs_from_exact(tiny_dirs):
+    prior = VQDiffusionPrior(str(tiny_dirs["text"]), prompt="a photo", guidance_scale=2.0)
+    op, y = _sr_problem(prior)
+    # a KL weight large enough for the extra lambda softmax(alpha) gradient to move the tokens
+    kw = dict(num_steps=5, inner_iters=3, kl_weight0=1.0)
+    exact = G2D2(StarShaped(), **kw).solve(prior, op, y, torch.Generator().manual_seed(11))
+    public = G2D2(StarShaped(), kl_form="public", **kw)
+    assert public.kl_form == "public" and G2D2().kl_form == "exact"
+    a = public.solve(prior, op, y, torch.Generator().manual_seed(11))
+    b = public.solve(prior, op, y, torch.Generator().manual_seed(11))
+    assert a.shape == exact.shape and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, exact)
+
+
 class _NaNPrior(FactorisedToyPrior):
     def decode(self, probs):
         return super().decode(probs) * float("nan")
@@ -168,6 +211,8 @@ def test_wrong_inputs_are_clear_errors():
 
     with pytest.raises(ValueError, match="discrete noise schedule"):
         G2D2(DDPMTimesteps())
+    with pytest.raises(ValueError, match="kl_form must be one of exact, public, got 'true'"):
+        G2D2(kl_form="true")
     nan_prior = _NaNPrior(prior.log_pi, prior.colours, side=2, num_timesteps=10)
     with pytest.raises(NonFiniteError, match="alpha"):
         G2D2(num_steps=3, inner_iters=2).solve(nan_prior, op, y, torch.Generator())
@@ -181,6 +226,7 @@ def test_configs_instantiate(schedule):
     solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
     assert isinstance(solver, G2D2) and isinstance(solver.noise_schedule, (StarShaped, MarkovPosterior))
     assert (solver.num_steps, solver.inner_iters, solver.kappa) == (100, 30, 0.3)  # the paper's values
+    assert solver.kl_form == "exact"  # the true KL by default; the paper-reproduction configs pick public
     # the embedded tiny prior gets a CPU-sized budget (conf/prior_setting/g2d2_tiny_vq.yaml)
     tiny = compose_config(["solver=g2d2", "prior=tiny_vq", f"noise_schedule={schedule}"])
     assert (tiny.solver.num_steps, tiny.solver.inner_iters, tiny.batch_size) == (10, 20, 4)
@@ -197,6 +243,7 @@ def test_paper_experiments_compose(name, lr0, w, guidance):
     assert cfg.solver._target_ == "g2d2.solvers.g2d2.G2D2" and cfg.prior.path == "microsoft/vq-diffusion-ithq"
     assert (cfg.solver.lr0, cfg.solver.lr_decay_w, cfg.prior.guidance_scale) == (lr0, w, guidance)
     assert cfg.data.image_size == 256 and cfg.lpips_net == "vgg" and cfg.experiment_name == name
+    assert cfg.solver.kl_form == "public"  # the public presets were tuned with the public code's KL
     assert instantiate(cfg.noise_schedule).__class__ is MarkovPosterior
 
 
@@ -212,7 +259,8 @@ def test_steps_do_not_draw_from_the_cpu_generator(process):
 
 def test_runner_prompts_each_image_with_its_class(tiny_dirs, tmp_path):
     """prior.prompt_from_data: the runner conditions every image on the data set's prompt ("a photo of
-    <class>" for data=imagenet), batch by batch, records it, and refuses images without a class label."""
+    <class>" for data=imagenet, with the public G2D2 code's full labels by default, torchvision's short
+    names on request), batch by batch, records it, and refuses images without a class label."""
     from conftest import compose_config
     from PIL import Image
 
@@ -239,9 +287,18 @@ def test_runner_prompts_each_image_with_its_class(tiny_dirs, tmp_path):
     finally:
         VQDiffusionPrior.set_prompts = set_prompts
     assert summary["num_images"] == 3
-    assert seen == [["a photo of tench", "a photo of goldfish"], ["a photo of tench"]]
+    tench, goldfish = "a photo of tench, Tinca tinca", "a photo of goldfish, Carassius auratus"
+    assert seen == [[tench, goldfish], [tench]]
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in records] == ["a photo of tench", "a photo of goldfish", "a photo of tench"]
+    assert [r["prompt"] for r in records] == [tench, goldfish, tench]
+    # torchvision's short names stay available
+    seen.clear()
+    try:
+        VQDiffusionPrior.set_prompts = spy
+        run(compose_config([*overrides, "data.class_names=torchvision", "data.limit=1"]), tmp_path / "out1")
+    finally:
+        VQDiffusionPrior.set_prompts = set_prompts
+    assert seen == [["a photo of tench"]]
     # without a class label there is no prompt: refused before anything is solved
     listing.write_text("a.png 0\nb.png\n")
     with pytest.raises(ConfigError, match="1 images have no prompt .*b.png"):
