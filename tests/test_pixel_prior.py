@@ -269,3 +269,86 @@ def test_pixel_solver_selects_the_tiny_ddpm_unless_a_prior_is_chosen(solver_name
     assert choice([f"solver={solver_name}", "prior=adm_ffhq"]) == "adm_ffhq"
     assert choice([f"+method={solver_name}_ffhq"]) == "adm_ffhq"
     assert choice(["solver=g2d2"]) == "tiny_vq"
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_large_log", "learned"])
+def test_unsupported_scheduler_variance_type_is_refused(tmp_path, variance_type: str) -> None:
+    # fixed_large (beta_t) would otherwise be sampled with the fixed-small variance beta_tilde_t, silently
+    save_tiny(tmp_path, out_channels=6 if variance_type == "learned" else 3, variance_type=variance_type)
+    with pytest.raises(CheckpointError, match=rf"variance_type '{variance_type}'.*fixed_small.*learned_range"):
+        DDPMPrior(str(tmp_path))
+
+
+def test_fixed_small_log_variance_type_loads_as_fixed_small(tmp_path) -> None:
+    save_tiny(tmp_path, variance_type="fixed_small_log")
+    prior = DDPMPrior(str(tmp_path))
+    assert not prior.learned_variance and prior.predict(torch.zeros(1, 3, 16, 16), 5)[1] is None
+
+
+@pytest.mark.parametrize("steps,bound", [(10, 4e-4), (25, 1.5e-4), (100, 3e-5)])
+def test_respaced_log_variance_error_from_float32_log_var(steps: int, bound: float) -> None:
+    """The prior's log_var is float32 (from float32 tables, as DDPMPrior computes it); recovering the
+    fraction from it costs at most ~3e-4 in log_var at 10 steps (measured 3.0e-4, 9.8e-5, 1.7e-5)."""
+    ab = torch.cumprod(1 - linear_betas(), 0)
+    full = ddpm_chain(ab)
+    ts = DDPMTimesteps().timesteps(1000, steps).flip(0)
+    chain = ddpm_chain(ab, ts)
+    log_beta, log_beta_tilde = full.betas.log().float(), full.posterior_log_variance_clipped.float()
+    frac = torch.linspace(0, 1, 101, dtype=torch.float32)
+    worst = 0.0
+    for i in range(1, steps):
+        t = int(ts[i])
+        log_var = frac * log_beta[t] + (1 - frac) * log_beta_tilde[t]  # float32, as the prior's output
+        new = respaced_log_variance(log_var, t, full, chain, i)
+        exact = frac.double() * chain.betas[i].log() + (1 - frac.double()) * chain.posterior_log_variance_clipped[i]
+        assert new.dtype == torch.float32
+        worst = max(worst, (new.double() - exact).abs().max().item())
+    assert worst < bound
+
+
+def spacing_and_grid(overrides: list[str]) -> tuple[str, list[int]]:
+    """(noise_schedule.spacing, timesteps of the instantiated solver) of a composed config."""
+    cfg = compose_config(overrides)
+    solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
+    return cfg.noise_schedule.spacing, solver.noise_schedule.timesteps(1000, solver.num_steps).tolist()
+
+
+def test_red_diff_visits_the_leading_grid_and_dps_the_linspace_grid() -> None:
+    """RED-Diff's public code visits range(0, T, T // N) ("leading"); DPS respaces with linspace.
+    At N = 100 (the tiny preset) they differ: 990, 980, ..., 0 vs 999, 989, ..., 0."""
+    leading, linspace = list(range(990, -1, -10)), DDPMTimesteps("linspace").timesteps(1000, 100).tolist()
+    assert linspace[:3] == [999, 989, 979] and linspace[-1] == 0
+    # the tiny prior's budget is 100 steps; the real-prior methods at 100 steps on the command line
+    for overrides in (["solver=red_diff"], ["+method=red_diff_tiny"], ["solver=red_diff", "prior=adm_ffhq",
+                      "solver.num_steps=100"], ["+experiment=table_red_diff", "method=red_diff_imagenet",
+                                                "task=sr4", "solver.num_steps=100"]):
+        assert spacing_and_grid(overrides) == ("leading", leading), overrides
+    for overrides in (["solver=dps"], ["+method=dps_tiny"], ["+experiment=table_red_diff", "method=dps_imagenet",
+                                                             "task=sr4", "solver.num_steps=100"]):
+        assert spacing_and_grid(overrides) == ("linspace", linspace), overrides
+    # a command-line spacing still wins, and RED-Diff built in Python defaults to the same grid
+    assert spacing_and_grid(["solver=red_diff", "noise_schedule.spacing=linspace"]) == ("linspace", linspace)
+    assert REDDiff(num_steps=100).noise_schedule.timesteps(1000, 100).tolist() == leading
+    assert DPS(num_steps=100).noise_schedule.timesteps(1000, 100).tolist() == linspace
+
+
+#: DPS scale per task: the public FFHQ configs, and on ImageNet the deblurs times the paper's ratios
+DPS_FFHQ_SCALES = {"sr4": 0.3, "inpaint_box": 0.5, "gauss_deblur": 0.3, "motion_deblur": 0.3}
+DPS_IMAGENET_SCALES = {**DPS_FFHQ_SCALES, "gauss_deblur": 0.3 * 0.4, "motion_deblur": 0.3 * 0.6}
+
+
+@pytest.mark.parametrize(
+    "experiment,method,expected",
+    [("table_dps_ffhq", "dps_ffhq", DPS_FFHQ_SCALES), ("table_dps_imagenet", "dps_imagenet", DPS_IMAGENET_SCALES),
+     ("table_red_diff", "dps_imagenet", DPS_IMAGENET_SCALES)],
+)
+def test_dps_step_size_per_prior_and_task(experiment: str, method: str, expected: dict[str, float]) -> None:
+    for task, scale in expected.items():
+        cfg = compose_config([f"+experiment={experiment}", f"method={method}", f"task={task}"])
+        solver = instantiate(cfg.solver, noise_schedule=instantiate(cfg.noise_schedule))
+        assert solver.scale == pytest.approx(scale, abs=1e-12), (experiment, method, task)
+    # a command-line value still wins over the ImageNet ratio
+    cfg = compose_config([f"+experiment={experiment}", f"method={method}", "task=gauss_deblur", "solver.scale=0.7"])
+    assert cfg.solver.scale == 0.7
+    # the tiny prior's CPU budget is unaffected
+    assert compose_config(["+method=dps_tiny", "task=gauss_deblur"]).solver.scale == 10.0

@@ -55,12 +55,12 @@ METHODS = {
     "pinv": ("pinv", None, None),
     "g2d2_tiny": ("g2d2", "tiny_vq", "star"),
     "dps_tiny": ("dps", "tiny_ddpm", "ddpm"),
-    "red_diff_tiny": ("red_diff", "tiny_ddpm", "ddpm"),
+    "red_diff_tiny": ("red_diff", "tiny_ddpm", "ddpm_leading"),
     "dps_ffhq": ("dps", "adm_ffhq", "ddpm"),
-    "red_diff_ffhq": ("red_diff", "adm_ffhq", "ddpm"),
+    "red_diff_ffhq": ("red_diff", "adm_ffhq", "ddpm_leading"),
     "g2d2_ffhq": ("g2d2", "vq_diffusion_ithq", "markov"),
     "dps_imagenet": ("dps", "adm_imagenet", "ddpm"),
-    "red_diff_imagenet": ("red_diff", "adm_imagenet", "ddpm"),
+    "red_diff_imagenet": ("red_diff", "adm_imagenet", "ddpm_leading"),
     "g2d2_imagenet": ("g2d2", "vq_diffusion_ithq", "markov"),
 }
 FAST = ["logger=none", "progress=false", "save_images=false"]
@@ -82,10 +82,15 @@ def check_operator(operator_yaml: str, image_size: int) -> None:
     assert operator.forward(torch.zeros(1, 3, image_size, image_size)).shape[0] == 1
 
 
-def expected_setting(solver: str, task: str) -> dict[str, float]:
-    """The papers' per-(solver, task) settings conf/setting/ must apply."""
+#: DPS on the ImageNet ADM: the deblur scales derived in conf/method/dps_imagenet.yaml
+DPS_IMAGENET_SCALES = {"gauss_deblur": 0.12, "motion_deblur": 0.18}
+
+
+def expected_setting(solver: str, task: str, prior: str | None = None) -> dict[str, float]:
+    """The papers' per-(solver, task) settings conf/setting/ (and the DPS ImageNet method) must apply."""
     if solver == "dps":
-        return {"scale": 0.5 if task.startswith("inpaint") else 0.3}
+        scale = 0.5 if task.startswith("inpaint") else 0.3
+        return {"scale": DPS_IMAGENET_SCALES.get(task, scale) if prior == "adm_imagenet" else scale}
     if solver == "g2d2" and task == "gauss_deblur":
         return {"lr0": 15.0, "lr_decay_w": 1.0}
     if solver == "g2d2" and task == "sr4":
@@ -103,7 +108,7 @@ TINY_BUDGETS = {
 
 def expected_solver_values(solver: str, prior: str | None, task: str) -> dict[str, float]:
     """Per-task settings, overridden by the tiny-prior budget where there is one."""
-    return {**expected_setting(solver, task), **TINY_BUDGETS.get((solver, prior), {})}
+    return {**expected_setting(solver, task, prior), **TINY_BUDGETS.get((solver, prior), {})}
 
 
 # ---------------------------------------------------------------------------------------------- configs

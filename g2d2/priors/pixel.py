@@ -34,6 +34,9 @@ from g2d2.priors.guided_diffusion import load_adm_unet
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: DDPMScheduler variance types we sample correctly: absent / fixed_small / fixed_small_log (the posterior
+#: variance beta_tilde_t, the DPS solver's fixed variance) and learned_range (the network's extra channels)
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "learned_range")
 _LAYOUTS = (
     "expected one of: a diffusers folder with unet/config.json + unet/diffusion_pytorch_model.safetensors "
     "(or .bin) and scheduler/scheduler_config.json; a diffusers DDPM repo with config.json, the weights and "
@@ -106,7 +109,8 @@ class DDPMPrior(PixelPrior):
         gradient_checkpointing: recompute the UNet's block activations in the backward pass (less
             memory for DPS, which differentiates through the network; same gradients, slower).
     Raises:
-        CheckpointError: a wrong or missing path, an unknown layout or mismatched weights.
+        CheckpointError: a wrong or missing path, an unknown layout, a scheduler prediction_type or
+            variance_type we do not support (e.g. fixed_large), or mismatched weights.
     """
 
     def __init__(
@@ -136,7 +140,13 @@ class DDPMPrior(PixelPrior):
             self.prediction_type = sched.get("prediction_type", "epsilon")
             if self.prediction_type not in PREDICTION_TYPES:
                 raise CheckpointError(f"{sched_file}: prediction_type must be one of {PREDICTION_TYPES}")
-            self.learned_variance = sched.get("variance_type") == "learned_range"
+            variance_type = sched.get("variance_type") or "fixed_small"
+            if variance_type not in VARIANCE_TYPES:
+                raise CheckpointError(
+                    f"{sched_file}: scheduler variance_type {variance_type!r} is not supported; use a checkpoint "
+                    f"with one of {VARIANCE_TYPES} (absent = fixed_small): the solvers sample no other variance"
+                )
+            self.learned_variance = variance_type == "learned_range"
             size = self.unet.config.sample_size
             trained_size = size[0] if isinstance(size, (list, tuple)) else size
         c_in, c_out = self.unet.config.in_channels, self.unet.config.out_channels

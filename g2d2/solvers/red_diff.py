@@ -16,6 +16,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from g2d2.noise.ddpm import DDPMTimesteps
 from g2d2.operators.base import LinearOperator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
 from g2d2.solvers.base import FiniteGuard, Solver, device_generator
@@ -25,7 +26,9 @@ class REDDiff(Solver):
     """RED-Diff with linear (inverse-SNR) weighting and Adam.
 
     Args:
-        noise_schedule: a DDPMTimesteps (noise_schedule=ddpm): how the timesteps are spaced.
+        noise_schedule: a DDPMTimesteps (noise_schedule=ddpm): how the timesteps are spaced; None:
+            "leading", (N - 1, ..., 0) * (T // N) as the public code's range(0, T, T // N) (also what
+            conf/solver/red_diff.yaml selects).
         num_steps: optimisation steps = timesteps visited, in descending order.
         lr: Adam learning rate (0.1 .. 0.5 in the paper; 0.25 common).
         grad_term_weight: lambda in w_t = lambda * sigma_t / alpha_t (the prior term's weight).
@@ -49,6 +52,8 @@ class REDDiff(Solver):
                 "REDDiff needs num_steps >= 1, lr > 0, grad_term_weight >= 0 and obs_weight >= 0; got "
                 f"num_steps={num_steps}, lr={lr}, grad_term_weight={grad_term_weight}, obs_weight={obs_weight}"
             )
+        if noise_schedule is None:
+            noise_schedule = DDPMTimesteps("leading")
         self.noise_schedule = check_noise_schedule(self, noise_schedule)
         self.num_steps = int(num_steps)
         self.lr = float(lr)
