@@ -321,15 +321,22 @@ class ProfileSteps:
     """Forward pre-hook: start the profiler when step `warmup` starts, stop it and the solve one step later."""
 
     def __init__(self, profiler, warmup: int = 1) -> None:
-        self.profiler, self.warmup, self.calls = profiler, warmup, 0
+        self.profiler, self.warmup, self.calls, self.running = profiler, warmup, 0, False
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         if self.calls == self.warmup:
             self.profiler.start()
+            self.running = True
         elif self.calls == self.warmup + 1:
-            self.profiler.stop()
+            self.stop()
             raise StopSolve
         self.calls += 1
+
+    def stop(self) -> None:
+        """Stop the profiler if it runs (a profiler left on would slow every later row's timing)."""
+        if self.running:
+            self.profiler.stop()
+            self.running = False
 
 
 def profile_step(solver, prior, network, operator, y, device: torch.device, path: Path, seed: int = 0) -> None:
@@ -343,12 +350,11 @@ def profile_step(solver, prior, network, operator, y, device: torch.device, path
     handle = network.register_forward_pre_hook(hook)
     try:
         solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(seed))
-        if hook.calls > hook.warmup:  # the solve ended inside the profiled step
-            profiler.stop()
     except StopSolve:
         pass
     finally:
         handle.remove()
+        hook.stop()  # the solve ended (or failed) inside the profiled step
     if hook.calls <= hook.warmup:
         path.write_text("solve ended before a step could be profiled\n")
         return

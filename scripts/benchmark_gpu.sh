@@ -20,6 +20,9 @@ SCALE=${SCALE:-full}
 mkdir -p "$OUT"
 # diffusers from the carried wheels when missing; the repository on PYTHONPATH
 source scripts/gpu_env.sh
+# detach CUPTI after each profiled step: without it, every row timed after the first profile runs
+# 10-20 % slower (pytorch#144455)
+export TEARDOWN_CUPTI=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 scripts/benchmark.py --scale "$SCALE" --device "$DEVICE" --measure-steps 3 --measure-steps-pixel 20 \
   --precisions "$PRECISIONS" --checkpointing "$CHECKPOINTING" --profile /tmp/bench_profiles --budget-s "$BUDGET_S" \

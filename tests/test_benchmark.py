@@ -228,3 +228,21 @@ def test_checkpointing_rows_and_profiled_steps(tmp_path) -> None:
     for r in rows:  # one profiled DPS step per row: the UNet's convolutions are in the table
         text = Path(r["profile"]).read_text()
         assert "sorted by self_cpu_time_total" in text and "aten::convolution" in text
+
+
+def test_a_failing_profiled_step_leaves_no_profiler_running(tmp_path) -> None:
+    """A solve that fails inside the profiled step (NaN, OOM) must not leave the profiler on: every later
+    row would be timed under it."""
+    bench = load_script("benchmark")
+    network = torch.nn.Linear(2, 2)
+
+    class FailsInStepTwo:
+        def solve(self, prior, operator, y, generator):
+            network(torch.ones(1, 2))  # warm-up step
+            network(torch.ones(1, 2))  # the profiled step starts here ...
+            raise NonFiniteError("diverged")  # ... and fails
+
+    with pytest.raises(NonFiniteError):
+        bench.profile_step(FailsInStepTwo(), None, network, None, None, torch.device("cpu"), tmp_path / "p.txt")
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert not network._forward_pre_hooks
