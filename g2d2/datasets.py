@@ -84,7 +84,8 @@ class ListedImageFolder(ImageSource):
         self.folder = folder
         self.labels: list[int | None]
         if file_list:
-            entries = _select(read_file_list(file_list), limit, offset)
+            listed = read_file_list(file_list)
+            entries = _select(listed, limit, offset)
             self.files = self._resolve(entries, file_list)
             self.labels = [label for _, label in entries]
         else:
@@ -100,6 +101,8 @@ class ListedImageFolder(ImageSource):
                 )
             self.files = _select(files, limit, offset)
             self.labels = [None] * len(self.files)
+        #: images the folder (or list) offers before limit / offset select from them
+        self.num_available = len(listed) if file_list else len(files)
         if not self.files:
             raise DataError(f"data selects no images from {folder}: check data.limit / data.offset")
         self.names = [p.relative_to(folder).as_posix() for p in self.files]
@@ -219,6 +222,12 @@ class ImageNetSubset(ListedImageFolder):
         bad = [label for label in self.labels if label is not None and not 0 <= label < 1000]
         if bad:
             raise DataError(f"ImageNet class indices must be in 0..999, got e.g. {bad[:3]}")
+        if not file_list and self.num_available > len(self.files):
+            logger.warning(
+                "data=imagenet without a file list: using %d of the %d images below %s in sorted order, not "
+                "the papers' 1k evaluation list (one image per class, with labels); set data.file_list or "
+                "G2D2_IMAGENET_LIST to imagenet_val_1k.txt", len(self.files), self.num_available, self.folder,
+            )
 
     def class_name(self, index: int) -> str | None:
         """The class name of image `index`, or None when the file list gave no label."""

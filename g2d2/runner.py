@@ -269,6 +269,7 @@ def run(
 
     summary = summarize(metrics_file.read())
     summary.update(
+        num_expected=len(data),  # images this run was asked for: num_images + num_failed < it = unfinished
         config=cfg_dict,
         choices=choices,
         output_dir=str(output_dir),

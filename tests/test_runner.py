@@ -29,7 +29,7 @@ def test_pinv_sweep_over_every_task_writes_finite_summaries(tmp_path):
     for path in summaries:
         summary = json.loads(path.read_text())
         seen.add(summary["choices"]["task"])
-        assert summary["num_images"] == 2 and summary["num_failed"] == 0
+        assert summary["num_images"] == 2 and summary["num_failed"] == 0 and summary["num_expected"] == 2
         for key in ("psnr", "ssim", "lpips"):
             assert math.isfinite(summary["metrics"][key]["mean"]), (path, key)
         assert summary["environment"]["versions"]["torch"]

@@ -242,6 +242,23 @@ def test_imagenet_file_list_with_labels_gives_prompts(tmp_path):
     assert custom.prompt(0) == "an image of class 1"
 
 
+def test_imagenet_without_a_list_warns_when_it_takes_a_sorted_subset(tmp_path, caplog):
+    """A full validation folder without the 1k list: data.limit (1000 in the config) keeps the cell at 1k
+    images, and the run says that these are not the papers' list."""
+    _write_images(tmp_path / "val", [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 4)])
+    with caplog.at_level("WARNING", logger="g2d2.datasets"):
+        data = ImageNetSubset(str(tmp_path / "val"), image_size=8, limit=2)
+    assert len(data) == 2 and data.num_available == 3
+    assert "using 2 of the 3 images" in caplog.text and "G2D2_IMAGENET_LIST" in caplog.text
+    caplog.clear()
+    listing = tmp_path / "list.txt"
+    listing.write_text("ILSVRC2012_val_00000002.JPEG 5\nILSVRC2012_val_00000003.JPEG 6\n")
+    with caplog.at_level("WARNING", logger="g2d2.datasets"):
+        listed = ImageNetSubset(str(tmp_path / "val"), image_size=8, file_list=str(listing), limit=1)
+    assert len(listed) == 1 and listed.num_available == 2 and not caplog.text
+    assert compose_config(["data=imagenet", "data.path=/x"]).data.limit == 1000
+
+
 def test_imagenet_config_composes_with_env_list(tmp_path, monkeypatch):
     _write_images(tmp_path, ["a.png", "b.png"])
     (tmp_path / "list.txt").write_text("b.png 7\n")
