@@ -33,18 +33,26 @@ class MetricsFile:
         self.path = Path(path)
 
     def read(self) -> list[dict[str, Any]]:
-        """Valid records in file order; a partial or corrupt trailing line is dropped (and truncated)."""
+        """Valid records in file order. The last line, when partial or corrupt (a write interrupted by a
+        kill), is dropped and truncated away; a corrupt line before it is not an interrupted write, and
+        raises ValueError naming it instead of discarding the finished records after it."""
         if not self.path.exists():
             return []
         raw = self.path.read_bytes()
+        lines = raw.splitlines(keepends=True)
         records: list[dict[str, Any]] = []
         valid_bytes = 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # killed mid-write
+        for number, line in enumerate(lines, start=1):
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")  # killed mid-write
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if number < len(lines):
+                    raise ValueError(
+                        f"{self.path}: line {number} of {len(lines)} is not a JSON record ({err}); only the last "
+                        "line can be an interrupted write. Repair or remove that line by hand, then resume"
+                    ) from err
                 break
             valid_bytes += len(line)
         if valid_bytes < len(raw):

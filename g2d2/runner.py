@@ -10,6 +10,8 @@ summary.json (means, std, counts, config, versions) and run_config.json (for res
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ GROUPS = (
     "method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment",
 )
 #: config keys that may differ between an interrupted run and its resumption
-RESUME_FREE_KEYS = ("resume", "progress", "logger", "device")
+RESUME_FREE_KEYS = ("resume", "progress", "logger", "device", "save_images")
 
 
 class ConfigError(ValueError):
@@ -138,9 +140,52 @@ def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done:
     if saved.exists() and done:
         previous = json.loads(saved.read_text())
         if previous != comparable:
-            changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
-            raise ConfigError(f"cannot resume {output_dir}: the config differs in {changed}; use a new folder")
+            changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(previous, comparable))
+            raise ConfigError(f"cannot resume {output_dir}: the config changed ({changed}); use a new folder")
     write_json_atomic(saved, comparable)
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += config_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def check_resumed_names(output_dir: Path, records: list[dict[str, Any]], names: list[str]) -> None:
+    """Finished records must be the same images as the data set now lists at their index (a folder that
+    gained or lost images would otherwise skip the wrong ones)."""
+    moved = [(r["index"], r.get("name")) for r in records
+             if r["index"] >= len(names) or r.get("name") != names[r["index"]]]
+    if moved:
+        index, name = moved[0]
+        now = names[index] if index < len(names) else "no image"
+        raise ConfigError(
+            f"cannot resume {output_dir}: {len(moved)} finished images are no longer at their index in the data "
+            f"(e.g. index {index} was {name!r}, now {now!r}); the image folder or list changed: use a new folder"
+        )
+
+
+@contextmanager
+def exclusive_folder(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `output_dir` for the run: a second run into the same folder fails at once
+    instead of interleaving its records with this one's."""
+    import fcntl
+
+    handle = open(output_dir / ".lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise ConfigError(
+                f"another run is writing into {output_dir}; wait for it, or choose another hydra.run.dir"
+            ) from err
+        yield
+    finally:
+        handle.close()
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -167,6 +212,11 @@ def run(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_folder(output_dir):
+        return _run(cfg, output_dir, choices, tracker)
+
+
+def _run(cfg: DictConfig, output_dir: Path, choices: dict[str, str] | None, tracker: Any | None) -> dict[str, Any]:
     check_config(cfg)
     device = resolve_device(cfg.device)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -177,6 +227,7 @@ def run(
     done = {r["index"] for r in records}
 
     data = instantiate(cfg.data)
+    check_resumed_names(output_dir, records, list(data.names))
     schedule = instantiate(cfg.noise_schedule) if cfg.get("noise_schedule") else None
     solver = instantiate(cfg.solver, noise_schedule=schedule)
     prior = None
@@ -192,93 +243,95 @@ def run(
     tracker = tracker if tracker is not None else instantiate(cfg.logger)
     choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}
     tracker.start(cfg_dict, output_dir, name=output_dir.name, tags=[f"{k}:{v}" for k, v in choices.items()])
-    (output_dir / "images").mkdir(exist_ok=True)
-    (output_dir / "operators").mkdir(exist_ok=True)
+    try:
+        (output_dir / "images").mkdir(exist_ok=True)
+        (output_dir / "operators").mkdir(exist_ok=True)
 
-    if done:
-        logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
-    # batches are fixed by (dataset, batch_size), not by what is left: a resumed run solves a partly
-    # finished batch again with its own generator and writes only its missing images, so its numbers
-    # equal those of an uninterrupted run
-    indices = list(range(len(data)))
-    batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
-    batches = [batch for batch in batches if not done.issuperset(batch)]
-    for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
-        names, images = zip(*(data[i] for i in batch), strict=True)
-        x = torch.stack(images).to(device)
-        # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
-        # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
-        # The solver's draws continue the first image's generator (with batch_size=1, per image).
-        generators = [image_generator(cfg.seed, i) for i in batch]
-        generator = generators[0]
-        if prompts is not None:
-            prior.set_prompts([prompts[i] for i in batch])
-        operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
-        pairs = enumerate(zip(operators, generators, strict=True))
-        y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
-        operator = per_image(operators)
-        error = None
-        with measure_cost(device) as cost:
-            try:
-                x_hat = solver.solve(prior, operator, y, generator=generator, progress=cfg.progress)
-                check_finite(x_hat, "the reconstruction")
-            except NonFiniteError as err:
-                error = str(err)
-        if error is None:
-            x_hat = x_hat.detach().float().clamp(-1, 1)
-            with torch.no_grad():
-                scores = {
-                    "psnr": quality.psnr(x_hat, x).tolist(),
-                    "ssim": quality.ssim(x_hat, x).tolist(),
-                    "lpips": lpips(x_hat, x).tolist(),
-                }
-            view = operator.pinv(y).clamp(-1, 1)
-        for index, op in zip(batch, operators, strict=True):
-            save_operator_state(op, output_dir / "operators" / f"{index:05d}.safetensors")
-        for j, (index, name) in enumerate(zip(batch, names, strict=True)):
-            if index in done:
-                continue  # finished before an interruption inside this batch
-            record = {
-                "index": index,
-                "name": name,
-                "seconds": cost.seconds / len(batch),
-                "peak_gpu_mem_mb": cost.peak_gpu_mem_mb,
-                "peak_rss_mb": cost.peak_rss_mb,
-                "batch_size": len(batch),
-            }
+        if done:
+            logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
+        # batches are fixed by (dataset, batch_size), not by what is left: a resumed run solves a partly
+        # finished batch again with its own generator and writes only its missing images, so its numbers
+        # equal those of an uninterrupted run
+        indices = list(range(len(data)))
+        batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
+        batches = [batch for batch in batches if not done.issuperset(batch)]
+        for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
+            names, images = zip(*(data[i] for i in batch), strict=True)
+            x = torch.stack(images).to(device)
+            # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
+            # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
+            # The solver's draws continue the first image's generator (with batch_size=1, per image).
+            generators = [image_generator(cfg.seed, i) for i in batch]
+            generator = generators[0]
             if prompts is not None:
-                record["prompt"] = prompts[index]
-            if error is not None:
-                logger.error("image %d (%s) failed: %s", index, name, error)
-                record.update(status="nonfinite", error=error)
+                prior.set_prompts([prompts[i] for i in batch])
+            operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
+            pairs = enumerate(zip(operators, generators, strict=True))
+            y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
+            operator = per_image(operators)
+            error = None
+            with measure_cost(device) as cost:
+                try:
+                    x_hat = solver.solve(prior, operator, y, generator=generator, progress=cfg.progress)
+                    check_finite(x_hat, "the reconstruction")
+                except NonFiniteError as err:
+                    error = str(err)
+            if error is None:
+                x_hat = x_hat.detach().float().clamp(-1, 1)
+                with torch.no_grad():
+                    scores = {
+                        "psnr": quality.psnr(x_hat, x).tolist(),
+                        "ssim": quality.ssim(x_hat, x).tolist(),
+                        "lpips": lpips(x_hat, x).tolist(),
+                    }
+                view = operator.pinv(y).clamp(-1, 1)
+            for index, op in zip(batch, operators, strict=True):
+                save_operator_state(op, output_dir / "operators" / f"{index:05d}.safetensors")
+            for j, (index, name) in enumerate(zip(batch, names, strict=True)):
+                if index in done:
+                    continue  # finished before an interruption inside this batch
+                record = {
+                    "index": index,
+                    "name": name,
+                    "seconds": cost.seconds / len(batch),
+                    "peak_gpu_mem_mb": cost.peak_gpu_mem_mb,
+                    "peak_rss_mb": cost.peak_rss_mb,
+                    "batch_size": len(batch),
+                }
+                if prompts is not None:
+                    record["prompt"] = prompts[index]
+                if error is not None:
+                    logger.error("image %d (%s) failed: %s", index, name, error)
+                    record.update(status="nonfinite", error=error)
+                    metrics_file.append(record)
+                    tracker.log_image(index, name, {"failed": 1}, None)
+                    continue
+                record.update(status="ok", **{k: v[j] for k, v in scores.items()})
+                stem = f"{index:05d}_{Path(name).stem}"
+                grid = torch.cat([x[j], view[j], x_hat[j]], dim=2)
+                if cfg.save_images:
+                    for suffix, image in (("gt", x[j]), ("measurement", view[j]), ("recon", x_hat[j])):
+                        save_png(image, output_dir / "images" / f"{stem}_{suffix}.png")
                 metrics_file.append(record)
-                tracker.log_image(index, name, {"failed": 1}, None)
-                continue
-            record.update(status="ok", **{k: v[j] for k, v in scores.items()})
-            stem = f"{index:05d}_{Path(name).stem}"
-            grid = torch.cat([x[j], view[j], x_hat[j]], dim=2)
-            if cfg.save_images:
-                for suffix, image in (("gt", x[j]), ("measurement", view[j]), ("recon", x_hat[j])):
-                    save_png(image, output_dir / "images" / f"{stem}_{suffix}.png")
-            metrics_file.append(record)
-            tracker.log_image(index, name, record, grid)
-            logger.info(
-                "image %d (%s): PSNR %.2f dB, SSIM %.3f, LPIPS %.3f, %.1f s",
-                index, name, record["psnr"], record["ssim"], record["lpips"], record["seconds"],
-            )
+                tracker.log_image(index, name, record, grid)
+                logger.info(
+                    "image %d (%s): PSNR %.2f dB, SSIM %.3f, LPIPS %.3f, %.1f s",
+                    index, name, record["psnr"], record["ssim"], record["lpips"], record["seconds"],
+                )
 
-    summary = summarize(metrics_file.read())
-    summary.update(
-        num_expected=len(data),  # images this run was asked for: num_images + num_failed < it = unfinished
-        config=cfg_dict,
-        choices=choices,
-        output_dir=str(output_dir),
-        environment=environment_info(device),
-    )
-    write_json_atomic(output_dir / "summary.json", summary)
-    tracker.log_summary(summary)
-    logger.info("results: %s (metrics.jsonl, summary.json, images/)", output_dir)
-    if tracker.url_or_dir:
-        logger.info("W&B run: %s", tracker.url_or_dir)
-    tracker.finish()
+        summary = summarize(metrics_file.read())
+        summary.update(
+            num_expected=len(data),  # images this run was asked for: num_images + num_failed < it = unfinished
+            config=cfg_dict,
+            choices=choices,
+            output_dir=str(output_dir),
+            environment=environment_info(device),
+        )
+        write_json_atomic(output_dir / "summary.json", summary)
+        tracker.log_summary(summary)
+        logger.info("results: %s (metrics.jsonl, summary.json, images/)", output_dir)
+        if tracker.url_or_dir:
+            logger.info("W&B run: %s", tracker.url_or_dir)
+    finally:
+        tracker.finish()  # also on an exception or SIGTERM (scripts/run.py): the W&B run keeps what was logged
     return summary

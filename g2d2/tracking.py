@@ -129,7 +129,9 @@ class WandbLogger(NullLogger):
         for key, stats in summary.get("metrics", {}).items():
             self.run.summary[f"{key}_mean"] = stats["mean"]
             self.run.summary[f"{key}_std"] = stats["std"]
-        self.run.summary["num_images"] = summary.get("num_images", 0)
+        for key in ("num_images", "num_failed", "num_expected"):
+            self.run.summary[key] = summary.get(key, 0)
+        self.run.summary["git_commit"] = summary.get("environment", {}).get("git_commit")
 
     def finish(self) -> None:
         if self.run is not None:

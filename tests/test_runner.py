@@ -185,3 +185,77 @@ def test_each_image_gets_its_own_operator_draw_at_any_batch_size(tmp_path):
     scores = {b: [(r["psnr"], r["ssim"]) for r in read_jsonl(tmp_path / f"b{b}" / "metrics.jsonl")] for b in runs}
     assert scores[1] == pytest.approx(scores[2], rel=1e-5)
     assert [r["batch_size"] for r in read_jsonl(tmp_path / "b2" / "metrics.jsonl")] == [2, 2, 1]
+
+
+def test_a_corrupt_line_before_the_last_is_refused_not_truncated(tmp_path):
+    """Only the last line can be an interrupted write; a bad line in the middle must not silently
+    delete the finished records after it."""
+    path = tmp_path / "metrics.jsonl"
+    records = MetricsFile(path)
+    for i in range(3):
+        records.append({"index": i, "status": "ok", "psnr": 20.0 + i})
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + "\n" + "".join(lines[1:]))  # an empty line after the first record
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="line 2 of 4 is not a JSON record"):
+        records.read()
+    assert path.read_bytes() == before  # nothing truncated
+
+
+def test_resume_refuses_a_data_set_whose_images_moved(tmp_path):
+    from conftest import compose_config
+
+    from g2d2.runner import ConfigError, run
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a0.png", "a1.png"):
+        Image.new("RGB", (64, 64), (len(name) * 20, 90, 30)).save(folder / name)
+    args = ["solver=pinv", "task=denoise", "data=folder", f"data.path={folder}", "data.image_size=64",
+            "logger=none", "save_images=false", "progress=false"]
+    run(compose_config(args), tmp_path / "out")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "a05.png")  # sorts between a0 and a1
+    with pytest.raises(ConfigError, match="index 1 was 'a1.png', now 'a05.png'"):
+        run(compose_config([*args, "resume=true"]), tmp_path / "out")
+    # a changed config names the leaf that changed
+    with pytest.raises(ConfigError, match=r"task.sigma: 0.05 -> 0.1"):
+        run(compose_config([*args, "resume=true", "task.sigma=0.1"]), tmp_path / "out")
+
+
+def test_one_run_per_output_folder_and_the_tracker_is_always_finished(tmp_path):
+    from conftest import compose_config
+
+    from g2d2.runner import ConfigError, exclusive_folder, run
+
+    args = ["solver=pinv", "task=denoise", "data.limit=1", "logger=none", "save_images=false", "progress=false"]
+    (tmp_path / "out").mkdir()
+    with exclusive_folder(tmp_path / "out"):  # another run holds the folder
+        with pytest.raises(ConfigError, match="another run is writing into"):
+            run(compose_config(args), tmp_path / "out")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+    class Tracker:  # records the calls; fails the run at its first image
+        url_or_dir = None
+        finished = False
+
+        def start(self, *args, **kwargs):
+            pass
+
+        def log_image(self, *args):
+            raise KeyboardInterrupt  # stands for Ctrl-C / SIGTERM between two images
+
+        def finish(self):
+            Tracker.finished = True
+
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(args), tmp_path / "out", tracker=Tracker())
+    assert Tracker.finished and len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == 1
+
+
+def test_sigterm_exits_like_an_interrupt():
+    from conftest import load_script
+
+    run_script = load_script("run")
+    with pytest.raises(SystemExit) as err:
+        run_script.exit_on_sigterm(15, None)
+    assert err.value.code == 143
