@@ -57,6 +57,10 @@ class Row:
     status: str = "ours"
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)  # task -> metric -> Cell
     failed: dict[str, int] = field(default_factory=dict)  # task -> images that failed
+    images: dict[str, int] = field(default_factory=dict)  # task -> images that finished ok
+    expected: dict[str, int | None] = field(default_factory=dict)  # task -> images asked for (None: unknown)
+    excluded: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> metric -> values left out
+    unfinished: dict[str, str] = field(default_factory=dict)  # task -> why the cell has no numbers
 
     @property
     def published(self) -> bool:
@@ -87,8 +91,53 @@ def load_summaries(root: str | Path) -> list[dict[str, Any]]:
         data["_path"] = str(path)
         summaries.append(data)
     if not summaries:
-        raise FileNotFoundError(f"no summary.json below {root}; did the runs finish?")
+        unfinished = sum(1 for p in root.rglob("metrics.jsonl") if not (p.parent / "summary.json").exists())
+        hint = f" ({unfinished} run folders have metrics.jsonl only: unfinished)" if unfinished else ""
+        raise FileNotFoundError(f"no summary.json below {root}; did the runs finish?{hint}")
     return summaries
+
+
+def _run_choices(folder: Path) -> dict[str, Any]:
+    """hydra.runtime.choices of a run folder (from .hydra/hydra.yaml), {} when unknown."""
+    hydra_yaml = folder / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.exists():
+        return {}
+    try:
+        data = yaml.safe_load(hydra_yaml.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    return dict(data.get("hydra", {}).get("runtime", {}).get("choices") or {})
+
+
+def load_unfinished(root: str | Path) -> list[dict[str, Any]]:
+    """Run folders below `root` with a metrics.jsonl but no summary.json (killed or still running).
+
+    Each: {"_path", "choices", "config", "done", "failed"}; choices come from .hydra/hydra.yaml and the
+    config from run_config.json (either may be empty when missing). Every one is logged as a warning.
+    """
+    runs = []
+    for metrics in sorted(Path(root).rglob("metrics.jsonl")):
+        folder = metrics.parent
+        if (folder / "summary.json").exists():
+            continue
+        statuses = []
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                statuses.append(json.loads(line).get("status"))
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        config: dict[str, Any] = {}
+        if (folder / "run_config.json").exists():
+            try:
+                config = json.loads((folder / "run_config.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                config = {}
+        run = {"_path": str(folder), "choices": _run_choices(folder), "config": config,
+               "done": statuses.count("ok"), "failed": sum(1 for st in statuses if st not in (None, "ok"))}
+        logger.warning("%s has metrics.jsonl (%d images done, %d failed) but no summary.json: unfinished run, "
+                       "not in the means", folder, run["done"], run["failed"])
+        runs.append(run)
+    return runs
 
 
 def load_published() -> dict[str, Any]:
@@ -136,26 +185,131 @@ def _common(summaries: list[dict[str, Any]], key: str, experiment: str) -> Any:
     return json.loads(values.most_common(1)[0][0])
 
 
-def our_table(experiment: str, summaries: list[dict[str, Any]]) -> Table:
-    """The rows we measured for one experiment (duplicates: the run with the most images wins)."""
+#: config keys (dotted; a key covers its sub-keys) that may differ between two runs of one cell: they do not
+#: change the numbers (data.limit only changes how many images, which the image counts show)
+PROTOCOL_FREE_KEYS = ("resume", "progress", "logger", "device", "hydra", "output_dir", "save_images", "data.limit")
+
+
+class TableError(ValueError):
+    """Runs that cannot be put in one table; the message names the folders and what to do."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def protocol_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted config keys whose values differ between two resolved configs, PROTOCOL_FREE_KEYS left out."""
+    fa, fb = _flatten(a), _flatten(b)
+
+    def free(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in PROTOCOL_FREE_KEYS)
+
+    return sorted(k for k in set(fa) | set(fb) if not free(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))
+
+
+def _folder(summary: dict[str, Any]) -> str:
+    return str(Path(summary["_path"]).parent) if summary["_path"].endswith("summary.json") else summary["_path"]
+
+
+def _num_images(summary: dict[str, Any]) -> int:
+    if summary.get("num_images") is not None:
+        return int(summary["num_images"])
+    counts = [v.get("count") or 0 for m, v in summary["metrics"].items() if m in METRICS]
+    return max(counts, default=0)
+
+
+def _newness(summary: dict[str, Any]) -> float:
+    try:
+        return Path(summary["_path"]).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _pick(key: tuple[str, str], kept: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The run to keep of two for one cell; refuses when their protocols differ."""
+    differing = protocol_differences(kept["config"], other["config"])
+    if differing:
+        raise TableError(
+            f"two runs for {key[0]} / {key[1]} differ in {', '.join(differing)}: {_folder(kept)} and "
+            f"{_folder(other)}; move one out of the folder or give it another experiment_name"
+        )
+    winner = max((kept, other), key=lambda s: (_num_images(s), _newness(s), s["_path"]))
+    loser = other if winner is kept else kept
+    logger.warning("two runs for %s / %s with the same protocol: kept %s (%d images, %s), ignored %s (%d images)",
+                   *key, _folder(winner), _num_images(winner),
+                   "more images" if _num_images(winner) != _num_images(loser) else "newer",
+                   _folder(loser), _num_images(loser))
+    return winner
+
+
+def _unfinished_key(run: dict[str, Any]) -> tuple[str, str] | None:
+    choices = run["choices"]
+    task = choices.get("task") or (run["config"].get("task") or {}).get("name")
+    if not task or not (choices.get("solver") or choices.get("method")):
+        return None
+    summary = {"choices": {"solver": choices.get("solver") or choices.get("method"), **choices},
+               "config": run["config"]}
+    return method_label(summary), str(task)
+
+
+def our_table(experiment: str, summaries: list[dict[str, Any]],
+              unfinished: list[dict[str, Any]] | None = None) -> Table:
+    """The rows we measured for one experiment.
+
+    Two runs of one cell must have the same protocol (config minus PROTOCOL_FREE_KEYS), else TableError;
+    of equal ones the run with more finished images, then the newer, is kept. Unfinished runs (see
+    load_unfinished) of a cell without a finished run show as "unfinished" cells.
+    """
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for s in summaries:
         key = (method_label(s), s["choices"].get("task", "?"))
-        if key in best:
-            logger.warning("two runs for %s / %s: %s and %s; keeping the one with more images",
-                           *key, best[key]["_path"], s["_path"])
-            if s.get("num_images", 0) <= best[key].get("num_images", 0):
-                continue
-        best[key] = s
+        best[key] = _pick(key, best[key], s) if key in best else s
     rows: dict[str, Row] = {}
+    partial = False
     for (label, task), s in best.items():
         row = rows.setdefault(label, Row(label))
+        n = _num_images(s)
+        expected = s.get("num_expected")
+        failed = int(s.get("num_failed") or 0)
+        is_partial = expected is not None and n + failed < int(expected)
+        partial |= is_partial
         row.cells[task] = {
-            m: Cell(v.get("mean"), v.get("std"), v.get("count"))
+            m: Cell(v.get("mean"), v.get("std"), v.get("count"), mark="‡" if is_partial else "")
             for m, v in s["metrics"].items() if m in METRICS
         }
-        row.failed[task] = int(s.get("num_failed", 0))
-    tasks = _order(sorted({task for _, task in best}), TASK_ORDER)
+        row.failed[task] = failed
+        row.images[task] = n
+        row.expected[task] = None if expected is None else int(expected)
+        row.excluded[task] = {
+            m: int(v["excluded"]) if v.get("excluded") is not None else n - int(v.get("count") or 0)
+            for m, v in s["metrics"].items()
+            if m in METRICS and (v.get("count") != n or v.get("excluded"))
+        }
+    notes = []
+    for run in unfinished or []:
+        key = _unfinished_key(run)
+        if key is None:
+            notes.append(f"Unfinished run (cell unknown) in {run['_path']}: {run['done']} images done.")
+            continue
+        if key in best:
+            notes.append(f"Unfinished run of {key[0]} / {key[1]} in {run['_path']} ignored: "
+                         f"a finished run of that cell is shown ({_folder(best[key])}).")
+            continue
+        row = rows.setdefault(key[0], Row(key[0]))
+        text = f"unfinished ({run['done']} done" + (f", {run['failed']} failed)" if run["failed"] else ")")
+        row.unfinished[key[1]] = f"{text}: {run['_path']}"
+        row.cells.setdefault(key[1], {})
+        notes.append(f"Unfinished: {key[0]} / {key[1]} has no summary.json ({run['_path']}); no numbers shown.")
+    if partial:
+        notes.insert(0, "‡ partial: fewer images finished or failed than the run was asked for (see Images per "
+                        "cell, done/asked).")
+    tasks = _order(sorted({task for r in rows.values() for task in r.cells}), TASK_ORDER)
     datasets = {s["choices"].get("data") for s in summaries}
     if len(datasets) > 1:
         logger.warning("experiment %s mixes data sets %s", experiment, sorted(map(str, datasets)))
@@ -167,16 +321,20 @@ def our_table(experiment: str, summaries: list[dict[str, Any]]) -> Table:
         lpips_net=_common(summaries, "lpips_net", experiment),
         tasks=tasks,
         rows=[rows[label] for label in sorted(rows, key=_row_order)],
+        notes=notes,
     )
 
 
 def add_published(table: Table, published: dict[str, Any]) -> None:
     """Append the published rows whose dataset equals the table's and whose task is a column."""
     rows: dict[tuple[str, str], Row] = {}
+    used: list[dict[str, Any]] = []  # entries with a note
     mismatched = False
     for e in published["entries"]:
         if e["dataset"] != table.dataset or e["task"] not in table.tasks:
             continue
+        if e.get("note"):
+            used.append(e)
         key = (e["method"], e["source"])
         row = rows.setdefault(key, Row(e["method"], source=e["source"], status=e["status"]))
         cells = {}
@@ -201,18 +359,41 @@ def add_published(table: Table, published: dict[str, Any]) -> None:
     if rows:
         table.notes.append("Status: verified = paper text; code = official code comments; secondary = quoted by "
                            "others. Published rows have no std; FID is not computed here.")
-    elif table.dataset is not None:
+    for source in dict.fromkeys(source for _, source in rows):
+        info = published["sources"][source]
+        if info.get("note"):
+            table.notes.append(f"{info['citation']}: {info['note']}.")
+    for e in used:
+        table.notes.append(f"{e['method']}, {e['task']} ({published['sources'][e['source']]['citation']}): "
+                           f"{e['note']}.")
+    if not rows and table.dataset is not None:
         table.notes.append(f"No published numbers for data={table.dataset}.")
 
 
-def build_tables(summaries: list[dict[str, Any]], published: dict[str, Any] | None = None) -> list[Table]:
-    """One Table per experiment_name found in the summaries, with published rows when given."""
+def build_tables(summaries: list[dict[str, Any]], published: dict[str, Any] | None = None,
+                 unfinished: list[dict[str, Any]] | None = None) -> list[Table]:
+    """One Table per experiment_name found in the summaries, with published rows when given.
+
+    `unfinished` (from load_unfinished) puts killed runs in as "unfinished" cells of their experiment.
+    """
     by_experiment: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         by_experiment.setdefault(str(s["config"].get("experiment_name", "default")), []).append(s)
+    open_runs: dict[str, list[dict[str, Any]]] = {}
+    for run in unfinished or []:
+        if "experiment_name" not in run["config"]:  # no run_config.json: name it under every table
+            for experiment in by_experiment:
+                open_runs.setdefault(experiment, []).append(run)
+            continue
+        experiment = str(run["config"]["experiment_name"])
+        if experiment not in by_experiment:
+            logger.warning("unfinished run %s: experiment %s has no finished run, so no table", run["_path"],
+                           experiment)
+            continue
+        open_runs.setdefault(experiment, []).append(run)
     tables = []
     for experiment in sorted(by_experiment):
-        table = our_table(experiment, by_experiment[experiment])
+        table = our_table(experiment, by_experiment[experiment], open_runs.get(experiment))
         if published is not None:
             add_published(table, published)
         tables.append(table)
@@ -235,15 +416,32 @@ def _metric_title(metric: str) -> str:
 
 
 def _images_text(row: Row, task: str) -> str:
-    cell = next(iter(row.cells.get(task, {}).values()), None)
-    if cell is None:
+    """Finished images ("37/1000" when fewer than asked for), failures, per-metric exclusions."""
+    if task in row.unfinished:
+        return row.unfinished[task].split(":")[0]
+    if task not in row.cells:
         return "–"
-    failed = row.failed.get(task, 0)
-    return f"{cell.n or 0}" + (f" ({failed} failed)" if failed else "")
+    n = row.images.get(task)
+    if n is None:  # a Row built by hand: the first metric's count
+        cell = next(iter(row.cells[task].values()), None)
+        n = (cell.n or 0) if cell is not None else 0
+    expected = row.expected.get(task)
+    text = f"{n}/{expected}" if expected is not None and n != expected else f"{n}"
+    extras = []
+    if row.failed.get(task):
+        extras.append(f"{row.failed[task]} failed")
+    extras += [f"{m}: {k} excluded" for m, k in sorted(row.excluded.get(task, {}).items()) if k]
+    return text + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def _cell_text(row: Row, task: str, metric: str) -> str:
+    if task in row.unfinished:
+        return "unfinished"
+    return format_cell(row.cells.get(task, {}).get(metric), metric)
 
 
 def to_markdown(table: Table, metrics: list[str]) -> str:
-    """One Markdown table per metric (ours, then published rows) and one of image counts."""
+    """One Markdown table per metric (ours, then published rows), one of image counts, then the notes."""
     header = f"| method | {' | '.join(table.tasks)} |\n|---|{'---|' * len(table.tasks)}"
     out = [f"## {table.experiment} (data: {table.dataset}, LPIPS: {table.lpips_net})", ""]
     for metric in metrics:
@@ -251,7 +449,7 @@ def to_markdown(table: Table, metrics: list[str]) -> str:
         out += [f"### {_metric_title(metric)}", "", header]
         for r in rows:
             label = f"*{r.label}*" if r.published else r.label
-            cells = [format_cell(r.cells.get(t, {}).get(metric), metric) for t in table.tasks]
+            cells = [_cell_text(r, t, metric) for t in table.tasks]
             out.append(f"| {label} | {' | '.join(cells)} |")
         out.append("")
     out += ["### Images per cell", "", header]
@@ -264,13 +462,14 @@ def to_markdown(table: Table, metrics: list[str]) -> str:
 
 def _tex(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                 ("†", r"$^\dagger$"), ("—", "---"), ("±", r"$\pm$")):
+                 ("†", r"$^\dagger$"), ("‡", r"$^\ddagger$"), ("—", "---"), ("±", r"$\pm$")):
         text = text.replace(a, b)
     return text
 
 
 def to_latex(table: Table, metrics: list[str]) -> str:
-    """One booktabs tabular per metric, the published rows below a rule."""
+    """One booktabs tabular per metric, the published rows below a rule, the notes as footnote rows."""
+    width = len(table.tasks) + 1
     out = [f"% {table.experiment} (data: {table.dataset}, LPIPS: {table.lpips_net}); needs \\usepackage{{booktabs}}"]
     for metric in metrics:
         out += [r"\begin{tabular}{l" + "c" * len(table.tasks) + "}", r"\toprule",
@@ -281,10 +480,16 @@ def to_latex(table: Table, metrics: list[str]) -> str:
             if i and group:
                 out.append(r"\midrule")
             for r in group:
-                cells = [_tex(format_cell(r.cells.get(t, {}).get(metric), metric)) for t in table.tasks]
+                cells = [_tex(_cell_text(r, t, metric)) for t in table.tasks]
                 out.append(_tex(r.label) + " & " + " & ".join(cells) + r" \\")
-        out += [r"\bottomrule", r"\end{tabular}", ""]
-    out += [f"% {_tex(note)}" for note in table.notes]
+        out.append(r"\bottomrule")
+        out += [rf"\multicolumn{{{width}}}{{p{{\linewidth}}}}{{\footnotesize {_tex(note)}}} \\" for note in table.notes]
+        out += [r"\end{tabular}", ""]
+    out += [r"\begin{tabular}{l" + "c" * len(table.tasks) + "}", r"\toprule",
+            "Images per cell & " + " & ".join(_tex(t) for t in table.tasks) + r" \\", r"\midrule"]
+    for r in (r for r in table.rows if not r.published):
+        out.append(_tex(r.label) + " & " + " & ".join(_tex(_images_text(r, t)) for t in table.tasks) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out) + "\n"
 
 

@@ -28,6 +28,35 @@ def collect(sweep: Path) -> dict[tuple[str, str], Path]:
     return runs
 
 
+def _first(folder: Path, index: int, suffix: str) -> Path | None:
+    found = sorted((folder / "images").glob(f"{index:05d}_*_{suffix}.png"))
+    return found[0] if found else None
+
+
+def build_rows(runs: dict[tuple[str, str], Path], tasks: list[str], methods: list[str],
+               indices: list[int]) -> tuple[list[list[Image.Image | None]], list[str]]:
+    """One row per (task, index): ground truth and measurement from any run of the task that saved them
+    (the chosen methods first), then each method's reconstruction (None where missing)."""
+    tiles: list[list[Image.Image | None]] = []
+    labels = []
+    for task in tasks:
+        task_runs = [runs[(task, m)] for m in methods if (task, m) in runs]
+        task_runs += [run for (t, m), run in sorted(runs.items()) if t == task and m not in methods]
+        for index in indices:
+            row: list[Image.Image | None] = []
+            for suffix in ("gt", "measurement"):
+                path = next((p for run in task_runs if (p := _first(run, index, suffix)) is not None), None)
+                if path is None:
+                    logger.warning("no %s image for %s #%d in any run", suffix, task, index)
+                row.append(Image.open(path) if path is not None else None)
+            for method in methods:
+                recon = _first(runs[(task, method)], index, "recon") if (task, method) in runs else None
+                row.append(Image.open(recon) if recon is not None else None)
+            tiles.append(row)
+            labels.append(f"{task} #{index}")
+    return tiles, labels
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path)
@@ -43,25 +72,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no summary.json under {args.sweep}")
     tasks = sorted({t for t, _ in runs})
     found = sorted({m for _, m in runs}, key=lambda m: (m == "pinv", m))
-    methods = args.methods.split(",") if args.methods else found
-    indices = [int(i) for i in args.images.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else found
+    missing = [m for m in methods if m not in found]
+    if missing:
+        raise SystemExit(f"method(s) {missing} have no run under {args.sweep}; available: {found}")
+    try:
+        indices = [int(i) for i in args.images.split(",")]
+    except ValueError:
+        raise SystemExit(f"--images must be a comma list of integers, got {args.images!r}") from None
     columns = ["ground truth", "measurement", *methods]
 
-    tiles: list[list[Image.Image | None]] = []
-    labels = []
-    for task in tasks:
-        for index in indices:
-            row: list[Image.Image | None] = []
-            any_run = next(runs[(task, m)] for m in methods if (task, m) in runs)
-            gt = sorted((any_run / "images").glob(f"{index:05d}_*_gt.png"))
-            meas = sorted((any_run / "images").glob(f"{index:05d}_*_measurement.png"))
-            row += [Image.open(gt[0]) if gt else None, Image.open(meas[0]) if meas else None]
-            for method in methods:
-                recon = sorted((runs[(task, method)] / "images").glob(f"{index:05d}_*_recon.png")) if (
-                    task, method) in runs else []
-                row.append(Image.open(recon[0]) if recon else None)
-            tiles.append(row)
-            labels.append(f"{task} #{index}")
+    tiles, labels = build_rows(runs, tasks, methods, indices)
+    if not any(t is not None for row in tiles for t in row):
+        saved = sorted({int(p.name[:5]) for run in runs.values() for p in (run / "images").glob("*_recon.png")
+                        if p.name[:5].isdigit()})
+        raise SystemExit(f"no saved image for index {indices} of methods {methods} under {args.sweep}; "
+                         f"indices with a saved reconstruction: {saved or 'none (save_images=false?)'}")
 
     size = next(t for row in tiles for t in row if t is not None).size[0] * args.scale
     left, top, pad = 110, 18, 2

@@ -1,6 +1,7 @@
 """Turn a sweep folder into the paper's table: `python scripts/make_table.py SWEEP_DIR [options]`.
 
-Reads every summary.json below SWEEP_DIR (recursively), makes one table per experiment_name
+Reads every summary.json below SWEEP_DIR (recursively; run folders with only a metrics.jsonl are
+unfinished runs: warned about and shown as "unfinished" cells), makes one table per experiment_name
 (rows = solver (prior), columns = task, cells = mean +/- std over the images, plus the image
 counts), puts the published numbers of g2d2/assets/published.yaml below ours, and writes Markdown
 and LaTeX to stdout (and to --out / its .tex sibling).
@@ -21,9 +22,11 @@ from pathlib import Path
 from g2d2.tables import (
     LONG_COLUMNS,
     METRICS,
+    TableError,
     build_tables,
     load_published,
     load_summaries,
+    load_unfinished,
     long_rows,
     to_latex,
     to_markdown,
@@ -70,7 +73,12 @@ def log_to_wandb(tables, markdown: dict[str, str], mode: str, project: str, enti
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    tables = build_tables(load_summaries(args.root), None if args.no_published else load_published())
+    try:
+        tables = build_tables(load_summaries(args.root), None if args.no_published else load_published(),
+                              unfinished=load_unfinished(args.root))
+    except (TableError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
     markdown = {t.experiment: to_markdown(t, args.metrics) for t in tables}
     md = "\n".join(markdown.values())
     tex = "\n".join(to_latex(t, args.metrics) for t in tables)

@@ -23,10 +23,13 @@ from g2d2.data import DataError
 from g2d2.datasets import ImageNetSubset, ListedImageFolder, read_file_list
 from g2d2.priors.base import DiscretePrior, PixelPrior
 from g2d2.tables import (
+    TableError,
     build_tables,
     load_published,
     load_summaries,
+    load_unfinished,
     long_rows,
+    protocol_differences,
     to_latex,
     to_markdown,
 )
@@ -468,3 +471,130 @@ def test_tiny_table_with_the_tiny_priors_end_to_end(tmp_path):
     md = check_table_run(tmp_path, ["sr4", "gauss_deblur"], methods)
     for label in ("g2d2 (tiny_vq)", "red_diff (tiny_ddpm)", "dps (tiny_ddpm)"):
         assert f"| {label} | 2 | 2 |" in md
+
+
+# ------------------------------------------------------------------- review fixes: honest cells and notes
+
+
+def test_unfinished_run_shows_as_an_unfinished_cell_and_is_warned(tmp_path, caplog):
+    sweep = write_sweep(tmp_path, [fake_summary("sr4", "dps", "adm_ffhq", [25.0, 27.0])])
+    killed = tmp_path / "1_inpaint_box_dps"
+    (killed / ".hydra").mkdir(parents=True)
+    (killed / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"task": "inpaint_box", "solver": "dps", "prior": "adm_ffhq"}}}}))
+    (killed / "run_config.json").write_text(json.dumps(fake_summary("inpaint_box", "dps", "adm_ffhq", [1.0])["config"]))
+    (killed / "metrics.jsonl").write_text('{"index": 0, "status": "ok", "psnr": 20.0}\n'
+                                          '{"index": 1, "status": "failed"}\n')
+    with caplog.at_level("WARNING"):
+        unfinished = load_unfinished(sweep)
+    assert len(unfinished) == 1 and unfinished[0]["done"] == 1 and unfinished[0]["failed"] == 1
+    assert "no summary.json" in caplog.text and "1_inpaint_box_dps" in caplog.text
+    [table] = build_tables(load_summaries(sweep), unfinished=unfinished)
+    assert table.tasks == ["sr4", "inpaint_box"]
+    md = to_markdown(table, ["psnr"])
+    assert "| dps (adm_ffhq) | 26.00 ± 1.41 | unfinished |" in md
+    assert "| dps (adm_ffhq) | 2 | unfinished (1 done, 1 failed) |" in md
+    assert "Unfinished: dps (adm_ffhq) / inpaint_box" in md
+    assert "unfinished" in to_latex(table, ["psnr"])
+
+
+def test_make_table_cli_reports_unfinished_runs(tmp_path):
+    sweep = write_sweep(tmp_path / "sweep", [fake_summary("sr4", "pinv", None, [20.0])])
+    (sweep / "1_gauss_deblur_pinv").mkdir()
+    (sweep / "1_gauss_deblur_pinv" / "metrics.jsonl").write_text('{"index": 0, "status": "ok"}\n')
+    proc = subprocess.run([sys.executable, str(MAKE_TABLE), str(sweep), "--no-published"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1_gauss_deblur_pinv" in proc.stderr and "no summary.json" in proc.stderr
+    assert "Unfinished run (cell unknown)" in proc.stdout  # no .hydra/ to name the cell: still reported
+
+
+def test_partial_cells_are_flagged_in_markdown_and_latex(tmp_path):
+    partial = fake_summary("gauss_deblur", "dps", "adm_ffhq", [24.0, 25.0, 26.0])
+    partial["num_expected"] = 1000
+    complete = fake_summary("sr4", "dps", "adm_ffhq", [25.0, 27.0])
+    complete["num_expected"] = 2
+    old = fake_summary("inpaint_box", "dps", "adm_ffhq", [22.0])  # no num_expected: unknown, not flagged
+    [table] = build_tables(load_summaries(write_sweep(tmp_path, [partial, complete, old])))
+    md = to_markdown(table, ["psnr"])
+    assert "| dps (adm_ffhq) | 26.00 ± 1.41 | 22.00 ± 0.00 | 25.00 ± 1.00‡ |" in md
+    assert "| dps (adm_ffhq) | 2 | 1 | 3/1000 |" in md
+    assert "‡ partial" in md
+    tex = to_latex(table, ["psnr"])
+    assert r"25.00 $\pm$ 1.00$^\ddagger$" in tex and "3/1000" in tex and r"$^\ddagger$ partial" in tex
+
+
+def test_failed_images_are_not_partial(tmp_path):
+    s = fake_summary("sr4", "dps", "adm_ffhq", [25.0, 27.0])
+    s.update(num_failed=1, num_expected=3)
+    [table] = build_tables(load_summaries(write_sweep(tmp_path, [s])))
+    md = to_markdown(table, ["psnr"])
+    assert "| dps (adm_ffhq) | 2/3 (1 failed) |" in md and "‡" not in md
+
+
+def test_per_metric_exclusions_are_shown(tmp_path):
+    s = fake_summary("sr4", "pinv", None, [20.0, 21.0, 22.0, 23.0])
+    s["metrics"]["psnr"].update(count=1, excluded=3)
+    old = fake_summary("gauss_deblur", "pinv", None, [20.0, 21.0])
+    old["metrics"]["ssim"]["count"] = 1  # an old summary without "excluded": the count difference
+    [table] = build_tables(load_summaries(write_sweep(tmp_path, [s, old])))
+    md = to_markdown(table, ["psnr"])
+    assert "| pinv | 4 (psnr: 3 excluded) | 2 (ssim: 1 excluded) |" in md
+
+
+def test_duplicate_runs_with_another_protocol_are_refused(tmp_path):
+    a = fake_summary("sr4", "pinv", None, [20.0, 21.0])
+    b = fake_summary("sr4", "pinv", None, [30.0, 31.0])
+    a["config"]["task"] = {"name": "sr4", "sigma": 0.05}
+    b["config"]["task"] = {"name": "sr4", "sigma": 0.0}
+    b["config"].update(resume=True, device="cuda", progress=False)  # free keys: not reported
+    assert protocol_differences(a["config"], b["config"]) == ["task.sigma"]
+    sweep = write_sweep(tmp_path / "sweep", [a, b])
+    with pytest.raises(TableError, match=r"task\.sigma.*0_sr4_pinv.*1_sr4_pinv"):
+        build_tables(load_summaries(sweep))
+    proc = subprocess.run([sys.executable, str(MAKE_TABLE), str(sweep)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "task.sigma" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_duplicate_runs_of_one_protocol_keep_more_images_then_the_newest(tmp_path, caplog):
+    fewer = fake_summary("sr4", "pinv", None, [20.0])
+    more = fake_summary("sr4", "pinv", None, [21.0, 23.0])
+    more["config"]["resume"] = True
+    sweep = write_sweep(tmp_path / "a", [more, fewer])
+    with caplog.at_level("WARNING"):
+        [table] = build_tables(load_summaries(sweep))
+    assert "| pinv | 22.00 ± 1.41 |" in to_markdown(table, ["psnr"])
+    assert f"kept {sweep / '0_sr4_pinv'} (2 images, more images)" in caplog.text
+    old, new = fake_summary("sr4", "pinv", None, [20.0]), fake_summary("sr4", "pinv", None, [30.0])
+    sweep = write_sweep(tmp_path / "b", [new, old])  # 0_ holds the newer numbers: path order must not win
+    os.utime(sweep / "1_sr4_pinv" / "summary.json", (1_000_000, 1_000_000))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        [table] = build_tables(load_summaries(sweep))
+    assert "| pinv | 30.00 ± 0.00 |" in to_markdown(table, ["psnr"])
+    assert f"kept {sweep / '0_sr4_pinv'} (1 images, newer)" in caplog.text
+
+
+def test_published_notes_and_dagger_legend_are_printed(tmp_path):
+    sweep = write_sweep(tmp_path, [fake_summary("sr4", "red_diff", "adm_imagenet", [24.0], data="imagenet",
+                                                lpips_net="alex", experiment="table_red_diff")])
+    [table] = build_tables(load_summaries(sweep), load_published())
+    md = to_markdown(table, ["psnr", "lpips"])
+    assert "1k validation images, 256 px, sigma 0.05" in md  # the dps source note
+    assert "the same listing also gives 22.73" in md  # an entry note
+    assert "† LPIPS with another" in md
+    tex = to_latex(table, ["lpips"])
+    rows = [line for line in tex.splitlines() if line.startswith(r"\multicolumn")]
+    assert any("1k validation images" in line for line in rows)
+    assert any(r"$^\dagger$ LPIPS with another" in line for line in rows)
+    assert any("22.73" in line for line in rows)
+
+
+def test_tiny_table_smoke_test_comment_names_overrides_that_every_job_accepts():
+    text = (CONF / "experiment" / "tiny_table.yaml").read_text()
+    commands = [line for line in text.splitlines() if "scripts/run.py -m" in line]
+    assert any("data.limit=1" in line for line in commands)
+    assert not any("num_steps" in line for line in commands)
+    for cell in sweep_cells("tiny_table"):
+        compose_config(["+experiment=tiny_table", *(f"{k}={v}" for k, v in cell.items()), "data.limit=1",
+                        "logger=none"])
