@@ -189,7 +189,7 @@ def test_resume_refuses_a_changed_config(runs):
     _, target, kept = _interrupted_copy(runs, "resume_changed", keep_lines=2, partial=False)
     proc = cli([*RED_DIFF, "resume=true", "seed=1"], run_dir=target, check=False)
     assert proc.returncode != 0
-    assert "config differs in ['seed']" in proc.stderr and "new folder" in proc.stderr
+    assert "the config changed (seed: 0 -> 1)" in proc.stderr and "new folder" in proc.stderr
     assert (target / "metrics.jsonl").read_bytes() == kept
 
 
