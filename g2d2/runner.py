@@ -25,7 +25,7 @@ from g2d2 import metrics as quality
 from g2d2.operators.base import LinearOperator, per_image
 from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
 from g2d2.provenance import environment_info
-from g2d2.results import MetricsFile, summarize, write_json_atomic
+from g2d2.results import MetricsFile, config_diff, summarize, write_json_atomic
 from g2d2.solvers.base import NonFiniteError, check_finite
 from g2d2.tracking import measure_cost
 
@@ -143,16 +143,6 @@ def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done:
             changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(previous, comparable))
             raise ConfigError(f"cannot resume {output_dir}: the config changed ({changed}); use a new folder")
     write_json_atomic(saved, comparable)
-
-
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every leaf that differs between two nested dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += config_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def check_resumed_names(output_dir: Path, records: list[dict[str, Any]], names: list[str]) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from g2d2.results import config_diff
+
 logger = logging.getLogger(__name__)
 
 #: metric -> (display name, better direction, decimals)
@@ -194,23 +196,12 @@ class TableError(ValueError):
     """Runs that cannot be put in one table; the message names the folders and what to do."""
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def protocol_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Dotted config keys whose values differ between two resolved configs, PROTOCOL_FREE_KEYS left out."""
-    fa, fb = _flatten(a), _flatten(b)
-
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in PROTOCOL_FREE_KEYS)
 
-    return sorted(k for k in set(fa) | set(fb) if not free(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))
+    return sorted(key for key, _, _ in config_diff(a, b) if not free(key))
 
 
 def _folder(summary: dict[str, Any]) -> str:
