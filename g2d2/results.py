@@ -17,6 +17,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+#: config keys that may differ between an interrupted run and its resumption (they do not change the numbers)
+RESUME_FREE_KEYS = ("resume", "progress", "logger", "device", "save_images")
 #: the per-image quality metrics aggregated in summary.json
 QUALITY_KEYS = ("psnr", "ssim", "lpips")
 COST_KEYS = ("seconds", "peak_gpu_mem_mb", "peak_rss_mb")

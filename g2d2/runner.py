@@ -25,7 +25,7 @@ from g2d2 import metrics as quality
 from g2d2.operators.base import LinearOperator, per_image
 from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
 from g2d2.provenance import environment_info
-from g2d2.results import MetricsFile, config_diff, summarize, write_json_atomic
+from g2d2.results import RESUME_FREE_KEYS, MetricsFile, config_diff, summarize, write_json_atomic
 from g2d2.solvers.base import NonFiniteError, check_finite
 from g2d2.tracking import measure_cost
 
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 GROUPS = (
     "method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment",
 )
-#: config keys that may differ between an interrupted run and its resumption
-RESUME_FREE_KEYS = ("resume", "progress", "logger", "device", "save_images")
 
 
 class ConfigError(ValueError):

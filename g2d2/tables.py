@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from g2d2.results import config_diff
+from g2d2.results import RESUME_FREE_KEYS, config_diff
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ def _common(summaries: list[dict[str, Any]], key: str, experiment: str) -> Any:
     return json.loads(values.most_common(1)[0][0])
 
 
-#: config keys (dotted; a key covers its sub-keys) that may differ between two runs of one cell: they do not
-#: change the numbers (data.limit only changes how many images, which the image counts show)
-PROTOCOL_FREE_KEYS = ("resume", "progress", "logger", "device", "hydra", "output_dir", "save_images", "data.limit")
+#: config keys (dotted; a key covers its sub-keys) that may differ between two runs of one cell: those a resume
+#: may change, plus where the run was written and data.limit (how many images, which the image counts show)
+PROTOCOL_FREE_KEYS = (*RESUME_FREE_KEYS, "hydra", "output_dir", "data.limit")
 
 
 class TableError(ValueError):
