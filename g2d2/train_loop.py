@@ -59,9 +59,9 @@ class Stage:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused)
 
-    def data(self) -> synthetic.TrainingImages:
+    def data(self, size: int = 64) -> synthetic.TrainingImages:
         kwargs = dict(num_shapes=16, chunk=16) if self.args.tiny else None
-        return synthetic.TrainingImages(64, self.device, self.args.dead_leaves_fraction, seed=self.args.seed,
+        return synthetic.TrainingImages(size, self.device, self.args.dead_leaves_fraction, seed=self.args.seed,
                                         dead_leaves_kwargs=kwargs)
 
     def fmt(self, x: torch.Tensor) -> torch.Tensor:

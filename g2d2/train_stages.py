@@ -27,8 +27,14 @@ def held_out(args, device: torch.device) -> torch.Tensor:
 
 
 class VQStage(Stage):
-    """VQModel trained with MSE + codebook/commitment losses; codebook initialised from encoder
-    outputs of the first batch, dead codes restarted every `restart_every` steps."""
+    """VQModel trained with MSE + codebook/commitment losses on `--crop-vq` px crops (the model is
+    fully convolutional: 32 px crops cost a quarter of 64 px images); codebook initialised from
+    encoder outputs of the first batch, dead codes restarted every `restart_every` steps.
+
+    `--vq-decoder-only` continues from the VQ-VAE already in <out>/tiny_vq/vqvae with the encoder,
+    quant_conv and codebook frozen, so the tokens (and a transformer trained on them) stay valid
+    while the decoder keeps improving.
+    """
 
     name = "vq"
     restart_every = 50
@@ -36,11 +42,23 @@ class VQStage(Stage):
     def build(self) -> dict:
         from diffusers import VQModel
 
-        self.model = VQModel(**T.vq_config(self.args.tiny)).to(self.device)
+        self.decoder_only = getattr(self.args, "vq_decoder_only", False)
+        folder = self.out / "tiny_vq" / "vqvae"
+        if self.decoder_only:
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError(f"--vq-decoder-only needs a trained VQ-VAE at {folder}: run --stage vq first")
+            self.model = VQModel.from_pretrained(folder, **T.LOAD_KWARGS).to(self.device)
+            self.model.requires_grad_(False)
+            trained = list(self.model.decoder.parameters()) + list(self.model.post_quant_conv.parameters())
+            for p in trained:
+                p.requires_grad_(True)
+        else:
+            self.model = VQModel(**T.vq_config(self.args.tiny)).to(self.device)
+            trained = list(self.model.parameters())
         if self.args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = self.optimizer(self.model.parameters())
-        self.images = self.data()
+        self.opt = self.optimizer(trained)
+        self.images = self.data(getattr(self.args, "crop_vq", 64))
         k = self.model.config.num_vq_embeddings
         self.restarter = T.DeadCodeRestarter(k, self.device)
         self.eval_x = held_out(self.args, self.device)
@@ -49,18 +67,19 @@ class VQStage(Stage):
 
     def step(self, step: int, frac: float) -> dict[str, torch.Tensor]:
         x = self.fmt(self.images.sample(self.batch, self.generator))
-        if step == 0:
+        if step == 0 and not self.decoder_only:
             with torch.no_grad(), self.autocast():
                 T.init_codebook(self.model, T.vq_encode_latents(self.model, x), self.generator)
         with self.autocast():
             out = T.vq_losses(self.model, x)
+        loss = out["mse"] if self.decoder_only else out["loss"]
         self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.restarter.update(out["ids"])
-        losses = dict(loss=out["loss"], mse=out["mse"], vq=out["vq"])
-        if step % self.restart_every == self.restart_every - 1 and frac < 0.9:
+        losses = dict(loss=loss, mse=out["mse"], vq=out["vq"])
+        if step % self.restart_every == self.restart_every - 1 and frac < 0.9 and not self.decoder_only:
             losses["restarted"] = self.restarter.restart(self.model, out["z"].detach(), self.generator).float().sum()
         return losses
 
@@ -113,8 +132,9 @@ class TransformerStage(Stage):
         self.num_t = 10 if self.args.tiny else 100
         self.scheduler = VQDiffusionScheduler(num_vec_classes=self.k + 1, num_train_timesteps=self.num_t)
         self.marginals = T.vq_diffusion_marginals(self.scheduler).to(self.device)
+        side = T.vq_token_side(dict(self.vq.config))
         self.model = T.enable_per_sample_timesteps(
-            Transformer2DModel(**T.transformer_config(self.k, 16, self.args.tiny)).to(self.device))
+            Transformer2DModel(**T.transformer_config(self.k, side, self.args.tiny)).to(self.device))
         self.opt = self.optimizer(self.model.parameters())
         self.images = self.data()
         self.token_counts = torch.ones(self.k, device=self.device)  # add-one smoothed unigram counts

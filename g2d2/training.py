@@ -27,22 +27,31 @@ LOAD_KWARGS = dict(torch_dtype=torch.float32, low_cpu_mem_usage=False)
 
 
 def vq_config(tiny: bool = False) -> dict:
-    """VQModel kwargs: 64 px in, downsampling 4 (three blocks), 16 x 16 tokens."""
+    """VQModel kwargs: 64 px in, downsampling 2 (two blocks), 32 x 32 tokens, 1024 codes.
+
+    f = 2 because a 64 px thumbnail does not survive f = 4 with 1024 codes (each token would carry
+    48 pixel values in 10 bits). No attention in the mid blocks: the decoder runs inside G2D2's
+    inner loop (forward + backward each iteration), and 3x3 convolutions at 32 x 32 see enough
+    context for a 2 x 2 patch code.
+    """
+    common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, sample_size=64, mid_block_add_attention=False)
     if tiny:
-        return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32),
-                    layers_per_block=1, latent_channels=8, num_vq_embeddings=64, vq_embed_dim=8,
-                    norm_num_groups=8, sample_size=64)
-    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 128),
-                layers_per_block=2, latent_channels=32, num_vq_embeddings=1024, vq_embed_dim=16,
-                norm_num_groups=16, sample_size=64)
+        return dict(**common, block_out_channels=(16, 32), layers_per_block=1, latent_channels=8,
+                    num_vq_embeddings=64, vq_embed_dim=8, norm_num_groups=8)
+    return dict(**common, block_out_channels=(32, 96), layers_per_block=1, latent_channels=32,
+                num_vq_embeddings=1024, vq_embed_dim=16, norm_num_groups=16)
 
 
-def transformer_config(num_codes: int, token_side: int = 16, tiny: bool = False) -> dict:
+def vq_token_side(vq_cfg: dict) -> int:
+    """Side of the token grid of a VQModel config: sample_size / 2 ** (number of blocks - 1)."""
+    return vq_cfg["sample_size"] // 2 ** (len(vq_cfg["block_out_channels"]) - 1)
+
+
+def transformer_config(num_codes: int, token_side: int = 32, tiny: bool = False) -> dict:
     """Transformer2DModel kwargs in discrete mode: K + 1 classes (last = mask), unconditional."""
     width = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2) if tiny else dict(
-        num_attention_heads=8, attention_head_dim=32, num_layers=6)
+        num_attention_heads=4, attention_head_dim=32, num_layers=4)
     return dict(**width, num_vector_embeds=num_codes + 1, sample_size=token_side, norm_type="ada_norm",
                 num_embeds_ada_norm=100, cross_attention_dim=None, activation_fn="gelu", attention_bias=True,
                 dropout=0.0)

@@ -1,7 +1,7 @@
 """Train the tiny embedded priors on offline data (dead leaves + bundled photos), on a time budget.
 
 Stages (each writes fp16 safetensors in diffusers layout plus a training_report.json):
-  vq           VQModel, 64 px -> 16 x 16 tokens            -> <out>/tiny_vq/vqvae/
+  vq           VQModel, 64 px -> 32 x 32 tokens            -> <out>/tiny_vq/vqvae/
   transformer  discrete Transformer2DModel (VQ-Diffusion)  -> <out>/tiny_vq/transformer/, scheduler/
                (needs the trained vqvae)
   ddpm         UNet2DModel eps-prediction DDPM, EMA        -> <out>/tiny_ddpm/unet/, scheduler/
@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-vq", type=int, default=128)
     p.add_argument("--batch-transformer", type=int, default=256)
     p.add_argument("--batch-ddpm", type=int, default=128)
+    p.add_argument("--crop-vq", type=int, default=32, help="side of the training crops of the vq stage (px)")
+    p.add_argument("--vq-decoder-only", action="store_true",
+                   help="vq stage: continue the decoder of <out>/tiny_vq/vqvae with encoder and codebook frozen "
+                        "(tokens unchanged, so a transformer trained on them stays valid)")
     p.add_argument("--lr-vq", type=float, default=1e-3)
     p.add_argument("--lr-transformer", type=float, default=8e-4)
     p.add_argument("--lr-ddpm", type=float, default=4e-4)

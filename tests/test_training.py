@@ -164,7 +164,7 @@ def test_vq_quantize_matches_diffusers_quantizer():
     vq = VQModel(**T.vq_config(tiny=True)).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     z = T.vq_encode_latents(vq, x)
-    assert z.shape == (2, 8, 16, 16)
+    assert z.shape == (2, 8, 32, 32)  # f = 2
     T.init_codebook(vq, z, torch.Generator().manual_seed(0))
     z_q, codes, ids = T.vq_quantize(vq, z)
     ref_q, _, (_, _, ref_ids) = vq.quantize(z)
@@ -217,7 +217,7 @@ def test_train_and_sample_smoke(tmp_path):
     VQModel.from_pretrained(out / "tiny_vq", subfolder="vqvae", **kw)
     sched = VQDiffusionScheduler.from_pretrained(out / "tiny_vq" / "scheduler")
     assert tr.config.num_vector_embeds == vq.config.num_vq_embeddings + 1 == sched.config.num_vec_classes
-    assert tr.config.sample_size == 16 and tr.config.norm_type == "ada_norm"
+    assert tr.config.sample_size == 32 and tr.config.norm_type == "ada_norm"  # f = 2 at 64 px
     UNet2DModel.from_pretrained(out / "tiny_ddpm" / "unet", **kw)
     ddpm = DDPMScheduler.from_pretrained(out / "tiny_ddpm" / "scheduler")
     assert ddpm.config.num_train_timesteps == 1000 and ddpm.config.beta_schedule == "linear"
@@ -240,6 +240,28 @@ def test_train_and_sample_smoke(tmp_path):
                            "--out-dir", str(tmp_path / "docs")])
     for path in written.values():
         assert path.is_file() and path.stat().st_size > 0
+
+
+def test_vq_decoder_only_keeps_the_tokens(tmp_path):
+    """--vq-decoder-only trains the decoder of an exported VQ-VAE and leaves encoder, quant_conv and
+    codebook bit-identical, so every image keeps its tokens (a transformer trained on them stays valid)."""
+    from diffusers import VQModel
+
+    train = _script("train_tiny_priors")
+    out = tmp_path / "weights"
+    train.main(_smoke_args(out, tmp_path / "work", "vq", 0.01))
+    folder = out / "tiny_vq" / "vqvae"
+    before = VQModel.from_pretrained(folder, **T.LOAD_KWARGS).eval()
+    train.main(_smoke_args(out, tmp_path / "work2", "vq", 0.01) + ["--vq-decoder-only"])
+    after = VQModel.from_pretrained(folder, **T.LOAD_KWARGS).eval()
+    a, b = before.state_dict(), after.state_dict()
+    frozen = [k for k in a if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(T.vq_reconstruct(before, x)[1], T.vq_reconstruct(after, x)[1])
+    with pytest.raises(FileNotFoundError, match="--stage vq first"):
+        train.main(_smoke_args(tmp_path / "empty", tmp_path / "work3", "vq", 0.01) + ["--vq-decoder-only"])
 
 
 def test_loop_resume_and_nan_rollback(tmp_path, monkeypatch):
