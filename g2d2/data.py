@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from g2d2.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: held-out evaluation images (skimage.data names); never used for training
@@ -23,7 +25,7 @@ EVAL_IMAGE_NAMES: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input (empty folder, unreadable file, unknown image name)."""
 
 
@@ -74,6 +76,21 @@ class ImageSource:
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
         name = self.names[index]
         return name, center_crop_resize(to_rgb(self.load(index), name), self.image_size)
+
+    def check(self) -> None:
+        """Open every image once, before anything is solved: a corrupt file stops the run at its start
+        (DataError naming it), and images smaller than `image_size` get one warning (they are upsampled)."""
+        small = []
+        for index, name in enumerate(self.names):
+            width, height = self.load(index).size
+            if min(width, height) < self.image_size:
+                small.append(f"{name} ({width}x{height})")
+        if small:
+            logger.warning(
+                "%d of %d images are smaller than image_size=%d and are upsampled, which is not the papers' "
+                "protocol (e.g. use FFHQ images1024x1024, not thumbnails128x128): %s%s",
+                len(small), len(self.names), self.image_size, ", ".join(small[:3]), ", ..." if len(small) > 3 else "",
+            )
 
 
 def _select(names: list[str], limit: int | None, offset: int) -> list[str]:

@@ -106,7 +106,6 @@ class ListedImageFolder(ImageSource):
         if not self.files:
             raise DataError(f"data selects no images from {folder}: check data.limit / data.offset")
         self.names = [p.relative_to(folder).as_posix() for p in self.files]
-        self._warned_small = False
 
     def _resolve(self, entries: list[tuple[str, int | None]], file_list: str) -> list[Path]:
         """Map each listed name to a file: relative path first, else a unique bare name below the folder."""
@@ -144,13 +143,6 @@ class ListedImageFolder(ImageSource):
                 image = image.copy()
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise DataError(f"cannot read image {path} ({err}); remove or replace the corrupt file") from err
-        if min(image.size) < self.image_size and not self._warned_small:
-            self._warned_small = True
-            logger.warning(
-                "image %s is %dx%d, smaller than image_size=%d: it is upsampled, which is not the papers' "
-                "protocol (e.g. use FFHQ images1024x1024, not thumbnails128x128)",
-                path, *image.size, self.image_size,
-            )
         return image
 
 

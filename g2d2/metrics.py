@@ -27,8 +27,9 @@ from typing import Literal
 from urllib.parse import urlparse
 
 import torch
-import torchmetrics.functional.image as tmf
 from torch import nn
+
+from g2d2.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ LPIPSNet = Literal["alex", "vgg"]
 LPIPS_NETS: tuple[str, ...] = ("alex", "vgg")
 
 
-class LPIPSWeightsMissingError(FileNotFoundError):
+class LPIPSWeightsMissingError(UserError, FileNotFoundError):
     """The ImageNet backbone weights LPIPS needs are not in the torch hub checkpoint cache."""
 
 
@@ -67,6 +68,8 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         (B,) PSNR per image (inf where the images are equal).
     """
     _check_images(x_hat, x)
+    import torchmetrics.functional.image as tmf  # here: its import takes seconds a failing run does not need
+
     return tmf.peak_signal_noise_ratio(
         _to_unit(x_hat), _to_unit(x), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )
@@ -82,6 +85,8 @@ def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         (B,) SSIM per image (1 where the images are equal).
     """
     _check_images(x_hat, x)
+    import torchmetrics.functional.image as tmf
+
     return tmf.structural_similarity_index_measure(
         _to_unit(x_hat), _to_unit(x), data_range=1.0, reduction="none"
     )

@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from g2d2.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: config keys that may differ between an interrupted run and its resumption (they do not change the numbers)
@@ -22,6 +24,10 @@ RESUME_FREE_KEYS = ("resume", "progress", "logger", "device", "save_images")
 #: the per-image quality metrics aggregated in summary.json
 QUALITY_KEYS = ("psnr", "ssim", "lpips")
 COST_KEYS = ("seconds", "peak_gpu_mem_mb", "peak_rss_mb")
+
+
+class ResultsError(UserError, ValueError):
+    """A results file that cannot be read back (a corrupt metrics.jsonl line); the message names it."""
 
 
 class MetricsFile:
@@ -51,7 +57,7 @@ class MetricsFile:
                 records.append(json.loads(line))
             except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if number < len(lines):
-                    raise ValueError(
+                    raise ResultsError(
                         f"{self.path}: line {number} of {len(lines)} is not a JSON record ({err}); only the last "
                         "line can be an interrupted write. Repair or remove that line by hand, then resume"
                     ) from err

@@ -9,9 +9,12 @@ summary.json (means, std, counts, config, versions) and run_config.json (for res
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from g2d2 import metrics as quality
+from g2d2.errors import UserError
 from g2d2.operators.base import LinearOperator, per_image
 from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
 from g2d2.provenance import environment_info
@@ -36,7 +40,7 @@ GROUPS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An inconsistent configuration; the message says which keys to change."""
 
 
@@ -56,13 +60,33 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+#: integer keys (dotted, checked where the config has them) and their smallest allowed value
+INTEGER_KEYS = {"batch_size": 1, "solver.num_steps": 1, "solver.inner_iters": 1, "seed": 0, "data.offset": 0}
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_config(cfg: DictConfig) -> None:
-    if cfg.task.sigma < 0:
-        raise ConfigError(f"task.sigma must be >= 0 (noise std on the [-1, 1] scale), got {cfg.task.sigma}")
+    """The config's values have the types and ranges the run needs; called before anything is built or written."""
+    sigma = cfg.task.sigma
+    if not (isinstance(sigma, int | float) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(
+            f"task.sigma must be a finite number >= 0 (noise std on the [-1, 1] scale), got {sigma!r}; "
+            "set e.g. task.sigma=0.05, or task.sigma=0 for noiseless measurements"
+        )
+    for key, low in INTEGER_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not (_is_integer(value) and value >= low):
+            raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}; set e.g. {key}={max(low, 1)}")
+    limit = OmegaConf.select(cfg, "data.limit", default=None)
+    if limit is not None and not (_is_integer(limit) and limit >= 1):
+        raise ConfigError(f"data.limit must be an integer >= 1 or null (all images), got {limit!r}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.lpips_net not in quality.LPIPS_NETS:
+        raise ConfigError(f"lpips_net must be one of {quality.LPIPS_NETS}, got {cfg.lpips_net!r}")
 
 
 def check_prior(solver: Any, prior: torch.nn.Module | None, image_size: int) -> None:
@@ -80,6 +104,20 @@ def check_prior(solver: Any, prior: torch.nn.Module | None, image_size: int) -> 
             f"prior {type(prior).__name__} makes {prior.image_size} px images but data.image_size={image_size}; "
             f"set data.image_size={prior.image_size} or pick a prior trained at {image_size} px"
         )
+
+
+def data_image_size(cfg: DictConfig, prior: torch.nn.Module | None) -> int:
+    """data.image_size, or the prior's image size when it is null (data=folder: follow the prior)."""
+    size = cfg.data.get("image_size")
+    if size is not None:
+        if not (_is_integer(size) and size > 0):
+            raise ConfigError(f"data.image_size must be a positive integer or null (the prior's size), got {size!r}")
+        return size
+    if prior is None:
+        raise ConfigError("data.image_size=null follows the prior's image size, but this solver uses no prior; "
+                          "set data.image_size, e.g. data.image_size=256")
+    logger.info("data.image_size follows the prior: %d px", prior.image_size)
+    return int(prior.image_size)
 
 
 def check_lpips_size(lpips: torch.nn.Module, net: str, image_size: int, device: torch.device) -> None:
@@ -124,8 +162,11 @@ def save_operator_state(operator: LinearOperator, path: Path) -> None:
         save_file(state, str(path))
 
 
-def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done: list[dict[str, Any]]) -> None:
-    """Refuse to mix results of different configs in one folder."""
+def check_resume(
+    output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Refuse to mix results of different configs in one folder; returns the config to store in
+    run_config.json (the keys a resume must not change)."""
     import json
 
     saved = output_dir / "run_config.json"
@@ -140,7 +181,7 @@ def check_resume(output_dir: Path, cfg_dict: dict[str, Any], resume: bool, done:
         if previous != comparable:
             changed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in config_diff(previous, comparable))
             raise ConfigError(f"cannot resume {output_dir}: the config changed ({changed}); use a new folder")
-    write_json_atomic(saved, comparable)
+    return comparable
 
 
 def check_resumed_names(output_dir: Path, records: list[dict[str, Any]], names: list[str]) -> None:
@@ -163,7 +204,12 @@ def exclusive_folder(output_dir: Path) -> Iterator[None]:
     instead of interleaving its records with this one's."""
     import fcntl
 
-    handle = open(output_dir / ".lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        handle = open(output_dir / ".lock", "a")  # noqa: SIM115 - held for the whole run
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write into the output folder {output_dir} ({err.strerror}); choose a writable hydra.run.dir"
+        ) from err
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,33 +235,61 @@ def run(
     output_dir: Path,
     choices: dict[str, str] | None = None,
     tracker: Any | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Solve every image of cfg.data with cfg.solver on cfg.task; returns the summary dict.
+
+    Every check (config values, resume, data, checkpoints, image files) runs before anything is written
+    into `output_dir`; a run that fails them leaves the folder as it found it (and no `.lock` behind).
 
     Args:
         cfg: the composed config (conf/config.yaml).
         output_dir: where results go (Hydra's output folder).
         choices: the config group choices (hydra.runtime.choices), recorded and used as W&B tags.
         tracker: a logger object (default: instantiate(cfg.logger)).
+        on_start: called once every check has passed, under the folder lock, before the first write
+            (scripts/run.py saves the Hydra config there, so a refused run does not overwrite it).
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_folder(output_dir):
-        return _run(cfg, output_dir, choices, tracker)
-
-
-def _run(cfg: DictConfig, output_dir: Path, choices: dict[str, str] | None, tracker: Any | None) -> dict[str, Any]:
     check_config(cfg)
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the output folder {output_dir} ({err.strerror}); choose another "
+                          "hydra.run.dir") from err
+    with exclusive_folder(output_dir):
+        try:
+            job = _prepare(cfg, output_dir)
+        except BaseException:
+            if not (output_dir / "metrics.jsonl").exists():
+                (output_dir / ".lock").unlink(missing_ok=True)  # a failed start leaves no trace
+            raise
+        if on_start is not None:
+            on_start()
+        return _solve(job, output_dir, choices, tracker)
+
+
+@dataclass
+class _Job:
+    """What a checked run solves with (built by _prepare, nothing written yet)."""
+
+    cfg: DictConfig  # data.image_size resolved
+    device: torch.device
+    cfg_dict: dict[str, Any]
+    comparable: dict[str, Any]  # the config stored in run_config.json
+    metrics_file: MetricsFile
+    done: set[int]  # image indices already in metrics.jsonl
+    data: Any
+    solver: Any
+    prior: torch.nn.Module | None
+    prompts: list[str] | None
+    lpips: torch.nn.Module
+
+
+def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
+    """Build solver, prior, data and one operator and run every check, writing nothing (but the repair of an
+    interrupted metrics.jsonl line); returns what _solve needs."""
     device = resolve_device(cfg.device)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-
-    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
-    records = metrics_file.read()
-    check_resume(output_dir, cfg_dict, cfg.resume, records)
-    done = {r["index"] for r in records}
-
-    data = instantiate(cfg.data)
-    check_resumed_names(output_dir, records, list(data.names))
     schedule = instantiate(cfg.noise_schedule) if cfg.get("noise_schedule") else None
     solver = instantiate(cfg.solver, noise_schedule=schedule)
     prior = None
@@ -223,10 +297,33 @@ def _run(cfg: DictConfig, output_dir: Path, choices: dict[str, str] | None, trac
         prior = instantiate(
             cfg.prior, device=device, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing
         )
+    if cfg.data.get("image_size") is None:  # follow the prior: record the size it resolved to
+        size = data_image_size(cfg, prior)
+        cfg = copy.deepcopy(cfg)
+        cfg.data.image_size = size
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+
+    metrics_file = MetricsFile(output_dir / "metrics.jsonl")
+    records = metrics_file.read()
+    comparable = check_resume(output_dir, cfg_dict, cfg.resume, records)
+
+    data = instantiate(cfg.data, image_size=data_image_size(cfg, prior))
+    check_resumed_names(output_dir, records, list(data.names))
     check_prior(solver, prior, data.image_size)
     prompts = data_prompts(prior, data)
     lpips = quality.LPIPS(net=cfg.lpips_net).to(device)
     check_lpips_size(lpips, cfg.lpips_net, data.image_size, device)
+    instantiate(cfg.task.operator, generator=image_generator(cfg.seed, 0))  # the task's values fit the images
+    data.check()  # every image opens (and its size is known) before the first solve
+    return _Job(cfg, device, cfg_dict, comparable, metrics_file, {r["index"] for r in records}, data, solver, prior,
+                prompts, lpips)
+
+
+def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker: Any | None) -> dict[str, Any]:
+    cfg, device, cfg_dict, metrics_file, done = job.cfg, job.device, job.cfg_dict, job.metrics_file, job.done
+    data, solver, prior, prompts, lpips = job.data, job.solver, job.prior, job.prompts, job.lpips
+    write_json_atomic(output_dir / "run_config.json", job.comparable)
+    logger.info("output folder: %s", output_dir)
 
     tracker = tracker if tracker is not None else instantiate(cfg.logger)
     choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from g2d2.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: prefix of the priors shipped inside the package (g2d2/priors/weights/<name>)
@@ -17,7 +19,7 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights"
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A checkpoint path, id or layout is wrong; the message says what was expected."""
 
 
