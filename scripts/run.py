@@ -4,6 +4,7 @@ Examples:
     python scripts/run.py                                   # G2D2, tiny VQ prior, SR x4, embedded images
     python scripts/run.py -m task=sr4,gauss_deblur solver=g2d2,pinv
     python scripts/run.py solver=dps prior=tiny_ddpm task=inpaint_box
+    python scripts/run.py --resume outputs/runs/<date>/<time>_sr4_g2d2    # continue an interrupted run
 See README.md and conf/ for every option.
 
 A bad input (config value, data, checkpoint, output folder, resume mismatch) stops the run before any
@@ -141,10 +142,32 @@ def refuse(err: Exception) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """`run.py --resume FOLDER [override ...]` -> `run.py <FOLDER's overrides> hydra.run.dir=FOLDER resume=true
+    [override ...]`: the run in FOLDER continues from its own record (.hydra/overrides.yaml), nothing retyped.
+    A given override replaces the stored one of the same key (e.g. device=cuda)."""
+    if "--resume" not in argv:
+        return argv
+    from g2d2.errors import UserError
+
+    at = argv.index("--resume")
+    if at + 1 >= len(argv) or "-m" in argv or "--multirun" in argv:
+        raise UserError("usage: run.py --resume <run folder> [override ...] (one run folder, not a sweep)")
+    folder = Path(argv[at + 1])
+    saved = folder / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise UserError(f"{saved} does not exist: --resume takes the folder of a started run (it holds .hydra/)")
+    given = argv[1:at] + argv[at + 2 :]
+    key = lambda override: override.split("=", 1)[0].lstrip("+~")  # noqa: E731
+    stored = [*map(str, OmegaConf.load(saved)), f"hydra.run.dir={folder}", "resume=true"]
+    return [argv[0], *(o for o in stored if key(o) not in {key(g) for g in given}), *given]
+
+
 def cli() -> None:
     """Run main(); a bad input ends with one line on stderr and EXIT_BAD_INPUT instead of a traceback."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises every error instead of printing it: decided here
     try:
+        sys.argv = resume_argv(sys.argv)
         main()
     except Exception as err:
         refuse(err)

@@ -106,6 +106,19 @@ def test_existing_results_need_resume_flag(tmp_path):
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
+@pytest.mark.slow
+def test_resume_from_the_folder_alone(tmp_path):
+    run_entry_point([*FAST, "task=denoise"], tmp_path)
+    folder = tmp_path / "run"
+    first = read_jsonl(folder / "metrics.jsonl")
+    (folder / "metrics.jsonl").write_text(json.dumps(first[0]) + "\n")  # as if killed after image 0
+    (folder / "summary.json").unlink()
+    proc = run_entry_point(["--resume", str(folder), "progress=true"], tmp_path)  # its own hydra.run.dir: the same
+    assert "resuming: 1 of 2 images" in proc.stdout + proc.stderr
+    assert [r["index"] for r in read_jsonl(folder / "metrics.jsonl")] == [0, 1]
+    assert json.loads((folder / "summary.json").read_text())["config"]["task"]["name"] == "denoise"
+
+
 def test_wandb_offline_run_is_written(tmp_path):
     import os
     import subprocess
