@@ -248,19 +248,23 @@ class VQDiffusionPrior(DiscretePrior):
     def _guided_logits(self, tokens_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """Transformer logits (B, K, N) float32, with classifier-free guidance when it is on."""
         batch = tokens_t.shape[0]
+        # return_dict=False: diffusers' Transformer2DModelOutput warns (FutureWarning) on every construction
         if self.uncond_embedding is None:
             # 1. unconditional transformer: no text input at all
-            logits = self.transformer(tokens_t, timestep=timestep).sample
+            (logits,) = self.transformer(tokens_t, timestep=timestep, return_dict=False)
         elif self.cond_embedding is None or self.guidance_scale == 1.0:
             # 2. a single pass: the prompt, or the null text when there is no prompt
             text = self.cond_embedding if self.cond_embedding is not None else self.uncond_embedding
-            logits = self.transformer(tokens_t, encoder_hidden_states=text.expand(batch, -1, -1), timestep=timestep)
-            logits = logits.sample
+            (logits,) = self.transformer(
+                tokens_t, encoder_hidden_states=text.expand(batch, -1, -1), timestep=timestep, return_dict=False
+            )
         else:
             # 3. guidance in log space, l = l_u + s (l_c - l_u), one batched pass, renormalised
             text = torch.cat([self.uncond_embedding.expand(batch, -1, -1), self.cond_embedding.expand(batch, -1, -1)])
-            out = self.transformer(torch.cat([tokens_t, tokens_t]), encoder_hidden_states=text, timestep=timestep)
-            l_u, l_c = out.sample.float().chunk(2)
+            (out,) = self.transformer(
+                torch.cat([tokens_t, tokens_t]), encoder_hidden_states=text, timestep=timestep, return_dict=False
+            )
+            l_u, l_c = out.float().chunk(2)
             logits = l_u + self.guidance_scale * (l_c - l_u)
         return logits.float()
 
