@@ -5,7 +5,8 @@
         markdown = to_markdown(table, ["psnr", "lpips"])
 
 Rows are methods (solver, plus its prior), columns are tasks, cells are mean +/- std over the
-images; the published rows come from g2d2/assets/published.yaml, matched on dataset and task.
+images (the mean alone for one image); the published rows come from g2d2/assets/published.yaml,
+matched on dataset and task.
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ def format_cell(cell: Cell | None, metric: str, pm: str = "±") -> str:
         return "–"
     decimals = METRICS[metric][2]
     text = f"{cell.mean:.{decimals}f}"
-    if cell.std is not None:
+    if cell.std is not None and (cell.n is None or cell.n > 1):  # no spread to show over one image
         text += f" {pm} {cell.std:.{decimals}f}"
     return text + cell.mark
 
