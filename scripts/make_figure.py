@@ -3,7 +3,9 @@
     python scripts/make_figure.py outputs/tables/tiny_table/<date> --out docs/reconstructions.png
 
 Columns: ground truth, measurement (pseudo-inverse view), then each method's reconstruction, in the
-order of --methods (default: every method found, pinv last). Reads the PNGs each run saved in images/.
+order of --methods (default: every method found, in make_table's row order: g2d2, red_diff, dps, others,
+pinv last). Rows: the tasks in make_table's column order, one per image index that has a saved image.
+Reads the PNGs each run saved in images/; writes <sweep>/reconstructions.png unless --out is given.
 """
 
 from __future__ import annotations
@@ -15,17 +17,27 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from g2d2.tables import SOLVER_ORDER, TASK_ORDER
+
 logger = logging.getLogger("make_figure")
 
 
-def collect(sweep: Path) -> dict[tuple[str, str], Path]:
-    """(task, method or solver) -> run folder, from each run's summary.json."""
-    runs = {}
+def collect(sweep: Path) -> tuple[dict[tuple[str, str], Path], dict[str, str]]:
+    """(task, method or solver) -> run folder, and method -> solver, from each run's summary.json."""
+    runs, solvers = {}, {}
     for summary in sorted(sweep.rglob("summary.json")):
         choices = json.loads(summary.read_text()).get("choices", {})
         method = choices.get("method") or choices.get("solver")
         runs[(choices.get("task"), method)] = summary.parent
-    return runs
+        solvers[method] = choices.get("solver") or method
+    return runs, solvers
+
+
+def table_order(names: set[str], first: tuple[str, ...], key=lambda name: name) -> list[str]:
+    """`names` in make_table's order: those whose key is in `first` by its position, then alphabetically,
+    the no-prior pinv last."""
+    rank = {name: i for i, name in enumerate(first)}
+    return sorted(names, key=lambda n: (key(n) == "pinv", rank.get(key(n), len(first)), n))
 
 
 def _first(folder: Path, index: int, suffix: str) -> Path | None:
@@ -52,6 +64,8 @@ def build_rows(runs: dict[tuple[str, str], Path], tasks: list[str], methods: lis
             for method in methods:
                 recon = _first(runs[(task, method)], index, "recon") if (task, method) in runs else None
                 row.append(Image.open(recon) if recon is not None else None)
+            if all(tile is None for tile in row):
+                continue  # e.g. --images 0,1 on a run of one image: no empty row
             tiles.append(row)
             labels.append(f"{task} #{index}")
     return tiles, labels
@@ -60,18 +74,18 @@ def build_rows(runs: dict[tuple[str, str], Path], tasks: list[str], methods: lis
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("reconstructions.png"))
+    parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/reconstructions.png")
     parser.add_argument("--methods", default=None, help="comma list of methods (columns), default: all")
     parser.add_argument("--images", default="0,1", help="comma list of image indices (rows per task)")
     parser.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of each tile")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    runs = collect(args.sweep)
+    runs, solvers = collect(args.sweep)
     if not runs:
         raise SystemExit(f"no summary.json under {args.sweep}")
-    tasks = sorted({t for t, _ in runs})
-    found = sorted({m for _, m in runs}, key=lambda m: (m == "pinv", m))
+    tasks = table_order({t for t, _ in runs}, TASK_ORDER)
+    found = table_order({m for _, m in runs}, SOLVER_ORDER, key=solvers.get)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else found
     missing = [m for m in methods if m not in found]
     if missing:
@@ -101,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         for c, tile in enumerate(row):
             if tile is not None:
                 canvas.paste(tile.resize((size, size), Image.Resampling.NEAREST), (left + c * (size + pad), y))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(args.out)
-    logger.info("wrote %s (%d rows x %d columns)", args.out, len(tiles), len(columns))
+    out = args.out if args.out is not None else args.sweep / "reconstructions.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    logger.info("wrote %s (%d rows x %d columns)", out, len(tiles), len(columns))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from PIL import Image
 
 MAKE_FIGURE = ROOT / "scripts" / "make_figure.py"
@@ -47,3 +47,24 @@ def test_ground_truth_comes_from_any_run_that_has_it(tmp_path):
     for column in (0, 1, 3):  # ground truth, measurement, pinv; column 2 (aaa) stays blank
         assert canvas.getpixel((left + column * (size + pad) + 4, top + 4)) == (200, 10, 10), column
     assert canvas.getpixel((left + 2 * (size + pad) + 4, top + 4)) == (255, 255, 255)
+
+
+def test_default_figure_goes_into_the_sweep_in_the_table_order_without_empty_rows(tmp_path):
+    for i, (task, method) in enumerate([("gauss_deblur", "dps_tiny"), ("sr4", "pinv"), ("sr4", "dps_tiny"),
+                                        ("gauss_deblur", "pinv"), ("sr4", "g2d2_tiny")]):
+        fake_run(tmp_path / f"{i}_{task}_{method}", task, method, {0: ("gt", "measurement", "recon")})
+        summary = tmp_path / f"{i}_{task}_{method}" / "summary.json"
+        summary.write_text(json.dumps({"choices": {"task": task, "method": method, "solver": method.split("_")[0]}}))
+    proc = figure(tmp_path, "--scale", "1")  # --images 0,1 by default; the runs hold image 0 only
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "reconstructions.png"  # in the sweep, not the current folder
+    assert "wrote" in proc.stderr and str(out) in proc.stderr
+    width, height = Image.open(out).size
+    left, top, pad, size = 110, 18, 2, 8
+    assert height == top + 2 * (size + pad)  # sr4 #0, gauss_deblur #0: no empty rows for #1
+    assert width == left + 5 * (size + pad)  # gt, measurement, g2d2_tiny, dps_tiny, pinv
+    make_figure = load_script("make_figure")
+    runs, solvers = make_figure.collect(tmp_path)
+    assert make_figure.table_order({t for t, _ in runs}, make_figure.TASK_ORDER) == ["sr4", "gauss_deblur"]
+    assert make_figure.table_order({m for _, m in runs}, make_figure.SOLVER_ORDER, key=solvers.get) == [
+        "g2d2_tiny", "dps_tiny", "pinv"]
