@@ -381,10 +381,14 @@ class TrainingImages:
         palette_size: number of colours kept for dead-leaves shapes (pixels of the RGB photos).
         seed: seeds the palette draw (the batches use the generator passed to `sample`).
         dead_leaves_kwargs: extra keyword arguments for `dead_leaves`.
+        permute_channels: give each image a random permutation of its RGB channels, so that colours
+            the training photos lack (the dark blue of a night sky) are seen as often as those they
+            have; for the VQ-VAE, which must reproduce any colour, not for the priors' statistics.
     """
 
     def __init__(self, size: int = 64, device: torch.device | str = "cpu", dead_leaves_fraction: float = 0.5,
-                 palette_size: int = 65536, seed: int = 0, dead_leaves_kwargs: dict | None = None):
+                 palette_size: int = 65536, seed: int = 0, dead_leaves_kwargs: dict | None = None,
+                 permute_channels: bool = False):
         if not 0.0 <= dead_leaves_fraction <= 1.0:
             raise ValueError(f"dead_leaves_fraction must be in [0, 1], got {dead_leaves_fraction}")
         self.size = size
@@ -394,6 +398,7 @@ class TrainingImages:
         g = torch.Generator(device=self.device).manual_seed(seed + 99991)
         self.palette = self.bank.palette(palette_size, g, num_images=len(TRAINING_RGB_NAMES))
         self.dead_leaves_kwargs = dead_leaves_kwargs or {}
+        self.permute_channels = permute_channels
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, 3, S, S) in [-1, 1]: round(n * fraction) dead-leaves images first, then photo crops."""
@@ -403,4 +408,8 @@ class TrainingImages:
             parts.append(dead_leaves(n_dl, self.size, generator, self.palette, **self.dead_leaves_kwargs))
         if n - n_dl > 0:
             parts.append(self.bank.sample(n - n_dl, generator))
-        return torch.cat(parts)
+        x = torch.cat(parts)
+        if self.permute_channels:  # (n, 3) channel order per image, one of the 6 permutations
+            order = torch.rand(n, 3, generator=generator, device=self.device).argsort(dim=1)
+            x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+        return x

@@ -59,10 +59,10 @@ class Stage:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused)
 
-    def data(self, size: int = 64) -> synthetic.TrainingImages:
+    def data(self, size: int = 64, permute_channels: bool = False) -> synthetic.TrainingImages:
         kwargs = dict(num_shapes=16, chunk=16) if self.args.tiny else None
         return synthetic.TrainingImages(size, self.device, self.args.dead_leaves_fraction, seed=self.args.seed,
-                                        dead_leaves_kwargs=kwargs)
+                                        dead_leaves_kwargs=kwargs, permute_channels=permute_channels)
 
     def fmt(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x

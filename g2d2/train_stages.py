@@ -31,9 +31,12 @@ class VQStage(Stage):
     fully convolutional: 32 px crops cost a quarter of 64 px images); codebook initialised from
     encoder outputs of the first batch, dead codes restarted every `restart_every` steps.
 
-    `--vq-decoder-only` continues from the VQ-VAE already in <out>/tiny_vq/vqvae with the encoder,
-    quant_conv and codebook frozen, so the tokens (and a transformer trained on them) stay valid
-    while the decoder keeps improving.
+    `--vq-continue` starts from the VQ-VAE already in <out>/tiny_vq/vqvae instead of a random one
+    (codebook kept: code ids stay mostly the same, so a transformer trained on its tokens needs only
+    a short resume); `--vq-decoder-only` continues it with the encoder, quant_conv and codebook
+    frozen, so the tokens (and a transformer trained on them) stay exactly valid.
+    `--vq-permute-channels` shows each training image with a random RGB channel order (colour
+    coverage; see `synthetic.TrainingImages`).
     """
 
     name = "vq"
@@ -43,22 +46,26 @@ class VQStage(Stage):
         from diffusers import VQModel
 
         self.decoder_only = getattr(self.args, "vq_decoder_only", False)
+        self.from_trained = self.decoder_only or getattr(self.args, "vq_continue", False)
         folder = self.out / "tiny_vq" / "vqvae"
-        if self.decoder_only:
+        if self.from_trained:
             if not (folder / "config.json").exists():
-                raise FileNotFoundError(f"--vq-decoder-only needs a trained VQ-VAE at {folder}: run --stage vq first")
+                raise FileNotFoundError(f"--vq-continue / --vq-decoder-only need a trained VQ-VAE at {folder}: "
+                                        "run --stage vq first")
             self.model = VQModel.from_pretrained(folder, **T.LOAD_KWARGS).to(self.device)
-            self.model.requires_grad_(False)
-            trained = list(self.model.decoder.parameters()) + list(self.model.post_quant_conv.parameters())
-            for p in trained:
-                p.requires_grad_(True)
+            trained = list(self.model.parameters())
+            if self.decoder_only:
+                self.model.requires_grad_(False)
+                trained = list(self.model.decoder.parameters()) + list(self.model.post_quant_conv.parameters())
+                for p in trained:
+                    p.requires_grad_(True)
         else:
             self.model = VQModel(**T.vq_config(self.args.tiny)).to(self.device)
             trained = list(self.model.parameters())
         if self.args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = self.optimizer(trained)
-        self.images = self.data(getattr(self.args, "crop_vq", 64))
+        self.images = self.data(getattr(self.args, "crop_vq", 64), getattr(self.args, "vq_permute_channels", False))
         k = self.model.config.num_vq_embeddings
         self.restarter = T.DeadCodeRestarter(k, self.device)
         self.eval_x = held_out(self.args, self.device)
@@ -67,7 +74,7 @@ class VQStage(Stage):
 
     def step(self, step: int, frac: float) -> dict[str, torch.Tensor]:
         x = self.fmt(self.images.sample(self.batch, self.generator))
-        if step == 0 and not self.decoder_only:
+        if step == 0 and not self.from_trained:
             with torch.no_grad(), self.autocast():
                 T.init_codebook(self.model, T.vq_encode_latents(self.model, x), self.generator)
         with self.autocast():

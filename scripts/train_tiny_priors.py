@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-transformer", type=int, default=256)
     p.add_argument("--batch-ddpm", type=int, default=128)
     p.add_argument("--crop-vq", type=int, default=32, help="side of the training crops of the vq stage (px)")
+    p.add_argument("--vq-continue", action="store_true",
+                   help="vq stage: start from <out>/tiny_vq/vqvae (codebook kept) instead of a random VQ-VAE")
+    p.add_argument("--vq-permute-channels", action="store_true",
+                   help="vq stage: random RGB channel order per training image (colours the photos lack)")
     p.add_argument("--vq-decoder-only", action="store_true",
                    help="vq stage: continue the decoder of <out>/tiny_vq/vqvae with encoder and codebook frozen "
                         "(tokens unchanged, so a transformer trained on them stays valid)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -104,6 +105,20 @@ def test_training_images_mix(training_images):
     assert x.shape == (4, 3, 64, 64) and torch.equal(x, y)
     assert x.min() >= -1 and x.max() <= 1
     assert training_images.palette.shape == (256, 3)
+
+
+def test_permute_channels_reorders_each_images_channels(training_images):
+    """Same images as without the option (same generator), each with one of the 6 RGB orders."""
+    x = training_images.sample(12, torch.Generator().manual_seed(4))
+    permuted = synthetic.TrainingImages(64, "cpu", 0.5, palette_size=256, permute_channels=True,
+                                        dead_leaves_kwargs=dict(num_shapes=16, chunk=16))
+    y = permuted.sample(12, torch.Generator().manual_seed(4))
+    orders = []
+    for a, b in zip(x, y, strict=True):
+        match = [p for p in itertools.permutations(range(3)) if torch.equal(a[list(p)], b)]
+        assert match
+        orders.append(match[0])
+    assert len(set(orders)) > 1  # not one fixed order for the whole batch
 
 
 def test_held_out_crops_fixed():
