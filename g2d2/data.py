@@ -10,6 +10,7 @@ astronaut, chelsea, coffee and rocket, bundled in its wheel, so the default run 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ class ImageSource:
     def check(self) -> None:
         """Open every image once, before anything is solved: a corrupt file stops the run at its start
         (DataError naming it), and images smaller than `image_size` get one warning (they are upsampled)."""
+        start = time.perf_counter()
         small = []
         for index, name in enumerate(self.names):
             width, height = self.load(index).size
@@ -91,6 +93,8 @@ class ImageSource:
                 "protocol (e.g. use FFHQ images1024x1024, not thumbnails128x128): %s%s",
                 len(small), len(self.names), self.image_size, ", ".join(small[:3]), ", ..." if len(small) > 3 else "",
             )
+        if time.perf_counter() - start > 5:
+            logger.info("opened all %d images in %.0f s", len(self.names), time.perf_counter() - start)
 
 
 def _select(names: list[str], limit: int | None, offset: int) -> list[str]:
