@@ -32,9 +32,9 @@ class VQStage(Stage):
     encoder outputs of the first batch, dead codes restarted every `restart_every` steps.
 
     `--vq-continue` starts from the VQ-VAE already in <out>/tiny_vq/vqvae instead of a random one
-    (codebook kept: code ids stay mostly the same, so a transformer trained on its tokens needs only
-    a short resume); `--vq-decoder-only` continues it with the encoder, quant_conv and codebook
-    frozen, so the tokens (and a transformer trained on them) stay exactly valid.
+    (codebook kept, but the tokens move: a transformer trained on the old ones must be trained again);
+    `--vq-decoder-only` continues it with the encoder, quant_conv and codebook frozen, so the tokens
+    (and a transformer trained on them) stay exactly valid.
     `--vq-permute-channels` shows each training image with a random RGB channel order (colour
     coverage; see `synthetic.TrainingImages`).
     """
@@ -45,8 +45,8 @@ class VQStage(Stage):
     def build(self) -> dict:
         from diffusers import VQModel
 
-        self.decoder_only = getattr(self.args, "vq_decoder_only", False)
-        self.from_trained = self.decoder_only or getattr(self.args, "vq_continue", False)
+        self.decoder_only = self.args.vq_decoder_only
+        self.from_trained = self.decoder_only or self.args.vq_continue
         folder = self.out / "tiny_vq" / "vqvae"
         if self.from_trained:
             if not (folder / "config.json").exists():
@@ -65,7 +65,7 @@ class VQStage(Stage):
         if self.args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = self.optimizer(trained)
-        self.images = self.data(getattr(self.args, "crop_vq", 64), getattr(self.args, "vq_permute_channels", False))
+        self.images = self.data(self.args.crop_vq, self.args.vq_permute_channels)
         k = self.model.config.num_vq_embeddings
         self.restarter = T.DeadCodeRestarter(k, self.device)
         self.eval_x = held_out(self.args, self.device)
