@@ -160,7 +160,7 @@ def uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.de
 def gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
     """Standard Gumbel noise -log(-log u) (u clamped away from 0), drawn as in `uniform`."""
     u = uniform(shape, generator, device).clamp_min_(torch.finfo(torch.float32).tiny)
-    return -torch.log(-torch.log(u))
+    return u.log_().neg_().log_().neg_()  # in place: the inner loop draws a (B, K, N) tensor per iteration
 
 
 def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

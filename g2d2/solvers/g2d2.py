@@ -202,8 +202,8 @@ class G2D2(Solver):
         with torch.enable_grad():
             for _ in range(self.inner_iters):
                 # 3a. one soft Gumbel-softmax sample per iteration (no straight-through)
-                g = gumbel(tuple(alpha.shape), generator, alpha.device)
-                s = torch.softmax((alpha + g) / self.tau, dim=1)
+                g = gumbel(tuple(alpha.shape), generator, alpha.device).add_(alpha)
+                s = torch.softmax(g if self.tau == 1.0 else g / self.tau, dim=1)
                 # 3b. relaxed decode and data term ||y - A x||_2 per image (plain norm)
                 x = prior.decode(s)
                 data = (y - operator.forward(x)).flatten(1).norm(dim=1)  # (B,)
