@@ -140,8 +140,15 @@ class TransformerStage(Stage):
         self.scheduler = VQDiffusionScheduler(num_vec_classes=self.k + 1, num_train_timesteps=self.num_t)
         self.marginals = T.vq_diffusion_marginals(self.scheduler).to(self.device)
         side = T.vq_token_side(dict(self.vq.config))
-        self.model = T.enable_per_sample_timesteps(
-            Transformer2DModel(**T.transformer_config(self.k, side, self.args.tiny)).to(self.device))
+        folder = self.out / "tiny_vq" / "transformer"
+        if self.args.transformer_continue:
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError(f"--transformer-continue needs a trained transformer at {folder}: "
+                                        "run --stage transformer first")
+            model = Transformer2DModel.from_pretrained(folder, **T.LOAD_KWARGS)
+        else:
+            model = Transformer2DModel(**T.transformer_config(self.k, side, self.args.tiny))
+        self.model = T.enable_per_sample_timesteps(model.to(self.device))
         self.opt = self.optimizer(self.model.parameters())
         self.images = self.data()
         self.token_counts = torch.ones(self.k, device=self.device)  # add-one smoothed unigram counts

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vq-decoder-only", action="store_true",
                    help="vq stage: continue the decoder of <out>/tiny_vq/vqvae with encoder and codebook frozen "
                         "(tokens unchanged, so a transformer trained on them stays valid)")
+    p.add_argument("--transformer-continue", action="store_true",
+                   help="transformer stage: start from <out>/tiny_vq/transformer instead of a random one "
+                        "(valid only while the VQ-VAE's tokens are unchanged)")
     p.add_argument("--lr-vq", type=float, default=1e-3)
     p.add_argument("--lr-transformer", type=float, default=8e-4)
     p.add_argument("--lr-ddpm", type=float, default=4e-4)

@@ -279,6 +279,26 @@ def test_vq_decoder_only_keeps_the_tokens(tmp_path):
         train.main(_smoke_args(tmp_path / "empty", tmp_path / "work3", "vq", 0.01) + ["--vq-decoder-only"])
 
 
+def test_transformer_continue_starts_from_the_exported_transformer(tmp_path):
+    """--transformer-continue loads <out>/tiny_vq/transformer: with a zero learning rate the exported
+    weights come back unchanged (a random start would not), and without a trained one it says what to run."""
+    from safetensors.torch import load_file
+
+    train = _script("train_tiny_priors")
+    out = tmp_path / "weights"
+    train.main(_smoke_args(out, tmp_path / "work", "vq,transformer", 0.01))
+    path = out / "tiny_vq" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = load_file(path)
+    train.main(_smoke_args(out, tmp_path / "work2", "transformer", 0.01)
+               + ["--transformer-continue", "--lr-transformer", "0"])
+    after = load_file(path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(FileNotFoundError, match="--stage transformer first"):
+        empty = tmp_path / "only_vq"
+        train.main(_smoke_args(empty, tmp_path / "work3", "vq", 0.01))
+        train.main(_smoke_args(empty, tmp_path / "work4", "transformer", 0.01) + ["--transformer-continue"])
+
+
 def test_loop_resume_and_nan_rollback(tmp_path, monkeypatch):
     """The shared loop on a toy model: a NaN loss rolls back to the last saved state with half the lr,
     and --resume continues step, images and the data generator state."""
