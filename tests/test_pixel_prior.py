@@ -111,7 +111,7 @@ def test_respaced_log_variance_keeps_the_interpolation_fraction() -> None:
 
 @pytest.mark.parametrize(
     "spacing,expected",
-    [("linspace", [9, 6, 3, 0]), ("leading", [6, 4, 2, 0]), ("trailing", [9, 7, 4, 1])],
+    [("linspace", [9, 6, 3, 0]), ("leading", [8, 6, 4, 2, 0]), ("trailing", [9, 7, 4, 1])],
 )
 def test_ddpm_timesteps(spacing: str, expected: list[int]) -> None:
     grid = DDPMTimesteps(spacing)
@@ -330,6 +330,15 @@ def test_red_diff_visits_the_leading_grid_and_dps_the_linspace_grid() -> None:
     assert spacing_and_grid(["solver=red_diff", "noise_schedule.spacing=linspace"]) == ("linspace", linspace)
     assert REDDiff(num_steps=100).noise_schedule.timesteps(1000, 100).tolist() == leading
     assert DPS(num_steps=100).noise_schedule.timesteps(1000, 100).tolist() == linspace
+
+
+@pytest.mark.parametrize("num_steps,visited", [(300, 334), (7, 8), (3, 4), (1000, 1000), (500, 500), (1, 1)])
+def test_leading_grid_is_the_public_range_even_when_it_has_more_than_n_steps(num_steps: int, visited: int) -> None:
+    """NVlabs RED-diff's get_timesteps: range(0, T, T // N), which has more than N entries when T // N
+    does not divide T."""
+    grid = DDPMTimesteps("leading").timesteps(1000, num_steps).tolist()
+    assert grid == list(reversed(range(0, 1000, 1000 // num_steps)))
+    assert len(grid) == visited
 
 
 #: DPS scale per task: the public FFHQ configs, and on ImageNet the deblurs times the paper's ratios

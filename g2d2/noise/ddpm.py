@@ -29,7 +29,9 @@ class DDPMTimesteps:
         spacing: how N steps are spread over [0, T):
             "linspace": round(linspace(T - 1, 0, N)); includes T - 1 and 0 (guided-diffusion's
                 `space_timesteps` with one section; DPS's respacing);
-            "leading": (N - 1, ..., 1, 0) * (T // N) (RED-Diff's `range(0, T, T // N)`);
+            "leading": every (T // N)-th timestep from 0, i.e. RED-Diff's `range(0, T, T // N)`: that is
+                ceil(T / (T // N)) >= N timesteps, exactly N when T // N divides T (N = 300 of T = 1000
+                gives 334, N = 7 gives 8; diffusers' "leading" keeps only the first N of them);
             "trailing": round(arange(T, 0, -T / N)) - 1 (includes T - 1, not always 0).
             All three give every timestep when N = T.
     """
@@ -43,7 +45,8 @@ class DDPMTimesteps:
         self.spacing = spacing
 
     def timesteps(self, num_train_timesteps: int, num_steps: int) -> torch.Tensor:
-        """Descending (num_steps,) long tensor of distinct timesteps in [0, num_train_timesteps).
+        """Descending long tensor of distinct timesteps in [0, num_train_timesteps): num_steps of them,
+        or for "leading" as many as RED-Diff's range(0, T, T // num_steps) holds (see the class docstring).
 
         Raises:
             ValueError: if num_steps is not in [1, num_train_timesteps].
@@ -54,7 +57,7 @@ class DDPMTimesteps:
         if self.spacing == "linspace":
             ts = torch.linspace(T - 1, 0, N, dtype=torch.float64).round().long()
         elif self.spacing == "leading":
-            ts = torch.arange(N - 1, -1, -1, dtype=torch.long) * (T // N)
+            ts = torch.arange(0, T, T // N, dtype=torch.long).flip(0)
         else:
             ts = torch.arange(T, 0, -T / N, dtype=torch.float64).round().long() - 1
         return ts
