@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from g2d2.noise.ddpm import DDPMTimesteps, ddpm_chain, linear_betas
 from g2d2.operators.base import LinearOperator
 from g2d2.priors.base import PixelPrior
-from g2d2.solvers.base import NonFiniteError
+from g2d2.solvers._pixel import randn_like
+from g2d2.solvers.base import NonFiniteError, device_generator
 from g2d2.solvers.dps import DPS
 from g2d2.solvers.red_diff import REDDiff
 
@@ -115,8 +116,8 @@ def test_gaussian_prior_matches_isotropic_closed_form() -> None:
 def test_red_diff_approaches_posterior_mean(task: str) -> None:
     prior, op, x, y, post_mean, _ = gaussian_problem(task)
     pinv = op.pinv(y)
-    # lr 0.02 instead of the paper's 0.25: at small t the denoiser residual is mostly noise and Adam's
-    # normalised steps keep mu jittering by about lr; 0.25 is tuned for 256 px images, not 8 x 8 ones
+    # lr 0.02 instead of the public 0.1: at small t the denoiser residual is mostly noise and Adam's
+    # normalised steps keep mu jittering by about lr; 0.1 is tuned for 256 px images, not 8 x 8 ones
     x_hat = REDDiff(num_steps=500, lr=0.02).solve(prior, op, y, generator=torch.Generator().manual_seed(1))
     assert x_hat.shape == x.shape and x_hat.abs().max() <= 1
     assert mse(x_hat, post_mean) < 0.15 * mse(pinv, post_mean)
@@ -167,12 +168,13 @@ def test_seeded_runs_are_deterministic(make) -> None:
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("make", [lambda: REDDiff(num_steps=5), lambda: DPS(num_steps=5)])
-def test_nan_is_reported(make) -> None:
+# RED-Diff at N = 5 visits 5 timesteps and updates at the first 4 (the last update is discarded, as published)
+@pytest.mark.parametrize("make,last", [(lambda: REDDiff(num_steps=5), 3), (lambda: DPS(num_steps=5), 4)])
+def test_nan_is_reported(make, last: int) -> None:
     prior, op, _, y, _, _ = gaussian_problem("inpaint")
     prior.eps = lambda x_t, t: torch.full_like(x_t, float("nan"))
     prior.predict = lambda x_t, t: (prior.eps(x_t, t), None)
-    with pytest.raises(NonFiniteError, match="between steps 0 and 4"):
+    with pytest.raises(NonFiniteError, match=f"between steps 0 and {last}"):
         make().solve(prior, op, y, generator=torch.Generator().manual_seed(0))
 
 
@@ -184,3 +186,67 @@ def test_per_step_noise_is_not_drawn_from_the_cpu_generator(make) -> None:
     make().solve(prior, op, y, generator=generator)
     torch.randint(0, 2**62, (1,), generator=reference)
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def public_red_diff(prior, op, y, num_steps: int, lr: float, generator: torch.Generator):
+    """NVlabs RED-diff's REDDIFF.sample for one image, transcribed (algos/reddiff.py, defaults of
+    _configs/algo/reddiff.yaml: linear weighting, sigma_x0 = 0, awd) with our noise source, and the grid of
+    utils/functions.py get_timesteps. Returns (what main.py saves: x0_pred, the mean after the last step)."""
+    T = prior.num_train_timesteps
+    ts = list(range(0, T, T // num_steps))
+    noise_gen = device_generator(generator, y.device)
+    mu = op.pinv(y).detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([mu], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    for ti in reversed(ts):
+        ab = float(prior.alphas_cumprod[ti])
+        noise_xt = randn_like(mu, noise_gen)
+        x0_pred = mu.clone()  # mu + sigma_x0 * noise_x0 with sigma_x0 = 0
+        xt = ab**0.5 * x0_pred + (1 - ab) ** 0.5 * noise_xt
+        et = prior.eps(xt.detach(), ti).detach()
+        loss_obs = ((y - op.forward(x0_pred)) ** 2).mean() / 2
+        loss_noise = torch.mul((et - noise_xt).detach(), x0_pred).mean()
+        loss = 0.25 * ((1 - ab) ** 0.5 / ab**0.5) * loss_noise + 1.0 * loss_obs
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return x0_pred.detach().clamp(-1, 1), mu.detach().clamp(-1, 1)
+
+
+@pytest.mark.parametrize("num_steps", [7, 50])
+def test_red_diff_returns_the_public_codes_estimate(num_steps: int) -> None:
+    """The public code saves x0_pred, the mean before its last Adam step, after visiting range(0, T, T // N)
+    (N = 7: 8 timesteps, 994, 852, ..., 0)."""
+    prior, op, _, y, _, _ = gaussian_problem("avgpool")
+    x_hat = REDDiff(num_steps=num_steps, lr=0.1).solve(prior, op, y, generator=torch.Generator().manual_seed(4))
+    published, after_last_step = public_red_diff(prior, op, y, num_steps, 0.1, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(x_hat, published, rtol=0, atol=1e-6)
+    assert (after_last_step - published).abs().max() > 1e-3  # the last step does move the mean
+
+
+class SharedNoise:
+    """Stands in for randn_like: step k's noise is one fixed (C, H, W) field for every image of the batch,
+    so a batch and the single-image runs of its images see the same noise."""
+
+    def __init__(self, steps: int) -> None:
+        self.bank = torch.randn(steps, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.calls += 1
+        return self.bank[self.calls - 1].expand_as(x).to(x.dtype)
+
+
+def test_red_diff_batch_of_two_equals_two_single_runs(monkeypatch) -> None:
+    """Each image's loss is its own mean, summed over the batch: Adam then moves each image exactly as in a
+    run of its own, whatever its batch-mates (the public code's batch mean would divide every gradient by B)."""
+    problems = [gaussian_problem("avgpool", seed) for seed in (0, 1)]
+    prior, op = problems[0][0], problems[0][1]
+    ys = [p[3] for p in problems]
+    runs = []
+    for batch in ([ys[0]], [ys[1]], ys):
+        monkeypatch.setattr("g2d2.solvers.red_diff.randn_like", SharedNoise(60))
+        solver = REDDiff(num_steps=50, lr=0.1)
+        runs.append(solver.solve(prior, op, torch.cat(batch), generator=torch.Generator().manual_seed(0)))
+    single = torch.cat(runs[:2])
+    torch.testing.assert_close(runs[2], single, rtol=0, atol=1e-6)
+    assert (single[0] - single[1]).abs().max() > 0.1  # two different problems, two different answers
