@@ -341,6 +341,16 @@ def test_leading_grid_is_the_public_range_even_when_it_has_more_than_n_steps(num
     assert len(grid) == visited
 
 
+def test_red_diff_methods_use_the_public_learning_rate() -> None:
+    """lr 0.1 (NVlabs RED-diff _configs/algo/reddiff.yaml) for every RED-Diff method, the solver built in
+    Python, and the tiny table's method."""
+    assert REDDiff().lr == 0.1
+    for overrides in (["solver=red_diff"], ["+method=red_diff_tiny"], ["+method=red_diff_ffhq"],
+                      ["+method=red_diff_imagenet"], ["+experiment=table_red_diff", "task=gauss_deblur"],
+                      ["+experiment=table_dps_ffhq", "method=red_diff_ffhq", "task=inpaint_box"]):
+        assert compose_config(overrides).solver.lr == 0.1, overrides
+
+
 #: DPS scale per task: the public FFHQ configs, and on ImageNet the deblurs times the paper's ratios
 DPS_FFHQ_SCALES = {"sr4": 0.3, "inpaint_box": 0.5, "gauss_deblur": 0.3, "motion_deblur": 0.3}
 DPS_IMAGENET_SCALES = {**DPS_FFHQ_SCALES, "gauss_deblur": 0.3 * 0.4, "motion_deblur": 0.3 * 0.6}

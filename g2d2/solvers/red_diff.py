@@ -57,7 +57,7 @@ class REDDiff(Solver):
         self,
         noise_schedule: object | None = None,
         num_steps: int = 1000,
-        lr: float = 0.25,
+        lr: float = 0.1,
         grad_term_weight: float = 0.25,
         obs_weight: float = 1.0,
     ) -> None:
