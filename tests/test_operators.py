@@ -21,6 +21,7 @@ from g2d2.operators import (
     SuperResolution,
 )
 from g2d2.operators.base import PerImageOperators, per_image
+from g2d2.operators.blur import gaussian_kernel
 from g2d2.operators.resize import symmetric_pad_indices
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -136,6 +137,34 @@ def test_blur_pinv_inverts_a_mild_blur() -> None:
     inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
     assert (x_hat - x)[inner].abs().max() < 1e-3
     assert (op(x) - x)[inner].abs().max() > 1e-2  # the blur did something
+
+
+def test_gaussian_kernel_is_dps_truncated_renormalised_gaussian() -> None:
+    """DPS's kernel: scipy's gaussian_filter of a 61 x 61 delta at std 3, i.e. the Gaussian cut at
+    4 std (radius int(4 * 3 + 0.5) = 12: a 25 x 25 support) and renormalised there, not sampled on the
+    whole window."""
+    kernel = GaussianBlur(256, generator=torch.Generator().manual_seed(0)).kernel  # the DPS protocol size
+    x = torch.arange(-30, 31, dtype=torch.float64)
+    g = torch.where(x.abs() <= 12, torch.exp(-(x**2) / (2 * 3.0**2)), torch.zeros_like(x))
+    closed_form = g[:, None] * g[None, :] / g.sum() ** 2
+    torch.testing.assert_close(kernel, closed_form, rtol=0, atol=1e-17)
+    assert kernel[30, 30 + 12] > 0 and kernel[30, 30 + 13] == 0 and kernel.sum().item() == pytest.approx(1, abs=1e-15)
+    # the full-window sampled Gaussian differs by more than rounding (its tail beyond 4 std)
+    full = torch.exp(-(x**2) / (2 * 3.0**2))
+    assert (kernel - full[:, None] * full[None, :] / full.sum() ** 2).abs().max() > 1e-6 * kernel.max()
+
+
+@pytest.mark.parametrize("size,std", [(61, 3.0), (15, 0.75), (5, 0.5), (7, 3.0), (3, 2.0), (9, 1.3)])
+def test_gaussian_kernel_equals_scipy_gaussian_filter_of_a_delta(size: int, std: float) -> None:
+    """Also where the 4-std support overhangs the window (7 px at std 3, 3 px at std 2): scipy folds the
+    overhanging taps back ("reflect" boundary), which keeps the sum 1."""
+    import scipy.ndimage
+
+    delta = np.zeros((size, size))
+    delta[size // 2, size // 2] = 1
+    np.testing.assert_allclose(
+        gaussian_kernel(size, std).numpy(), scipy.ndimage.gaussian_filter(delta, std), rtol=0, atol=1e-15
+    )
 
 
 def test_blur_keeps_constant_images() -> None:

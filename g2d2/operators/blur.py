@@ -39,14 +39,26 @@ def scaled_kernel_size(kernel_size: int, image_size: int, reference_size: int | 
     return max(1, 2 * round((size - 1) / 2) + 1)
 
 
-def gaussian_kernel(kernel_size: int, std: float) -> torch.Tensor:
-    """(kernel_size, kernel_size) float64 sampled isotropic Gaussian, summing to 1."""
+def gaussian_kernel(kernel_size: int, std: float, truncate: float = 4.0) -> torch.Tensor:
+    """(kernel_size, kernel_size) float64 Gaussian built as DPS builds it (util/img_utils.py Blurkernel):
+    scipy.ndimage.gaussian_filter(delta, std) of a centred delta. That filter's taps are
+    exp(-x^2 / (2 std^2)) for |x| <= r = int(truncate * std + 0.5), renormalised to sum 1 there, and zero
+    beyond (a 25 x 25 support at std 3 in the 61 x 61 window); the kernel is their outer product. Taps
+    that fall outside the window fold back by scipy's "reflect" boundary (only when r > kernel_size // 2),
+    so the kernel always sums to 1.
+    """
     if std <= 0:
         raise ValueError(f"Gaussian blur std must be positive, got {std}")
-    r = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
-    g = torch.exp(-0.5 * (r / std) ** 2)
-    k = g[:, None] * g[None, :]
-    return k / k.sum()
+    radius = int(truncate * std + 0.5)
+    offsets = torch.arange(-radius, radius + 1)
+    taps = torch.exp(-0.5 * (offsets.double() / std) ** 2)
+    taps = taps / taps.sum()
+    # 1D filter of the delta at c: tap j lands on c + j, mirrored into [0, n) (period 2n, edge repeated)
+    n, c = kernel_size, kernel_size // 2
+    where = (c + offsets) % (2 * n)
+    where = torch.where(where >= n, 2 * n - 1 - where, where)
+    g = torch.zeros(n, dtype=torch.float64).index_add_(0, where, taps)
+    return g[:, None] * g[None, :]
 
 
 def reflect_indices(n: int, pad: int) -> torch.Tensor:
