@@ -33,7 +33,7 @@ logger = logging.getLogger("eval_tiny_vq")
 def reconstruction(path: str, lpips_net: str = "vgg") -> dict:
     """Per-image and mean PSNR, LPIPS and per-channel mean error (8-bit levels, recon - truth)."""
     from g2d2.data import EmbeddedImages
-    from g2d2.metrics import LPIPS, psnr
+    from g2d2.experiment.metrics import LPIPS, psnr
     from g2d2.priors.discrete import VQDiffusionPrior
 
     prior = VQDiffusionPrior(path)

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from g2d2.tables import (
+from g2d2.experiment.tables import (
     LONG_COLUMNS,
     METRICS,
     TableError,

@@ -46,7 +46,7 @@ def finished_folder(tmp_path: Path, run_config: dict, lines: str = '{"index": 0,
     """tmp_path/run holding one finished image of another config, with the files a run leaves."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / "run.log").write_text("[...][g2d2.runner][INFO] - image 0 (astronaut): PSNR 20.00 dB\n")
+    (run / "run.log").write_text("[...][g2d2.experiment.runner][INFO] - image 0 (astronaut): PSNR 20.00 dB\n")
     (run / ".lock").write_text("")
     (run / ".hydra" / "config.yaml").write_text("seed: 7\n")
     (run / "run_config.json").write_text(json.dumps(run_config))

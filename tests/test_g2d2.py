@@ -264,7 +264,7 @@ def test_runner_prompts_each_image_with_its_class(tiny_dirs, tmp_path):
     from conftest import compose_config
     from PIL import Image
 
-    from g2d2.runner import ConfigError, run
+    from g2d2.experiment.runner import ConfigError, run
 
     folder = tmp_path / "val"
     folder.mkdir()

@@ -12,13 +12,12 @@ from conftest import CONF, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from g2d2.data import DataError
-from g2d2.datasets import IMAGENET_FULL_LABELS, ImageNetSubset, imagenet_class_names
+from g2d2.data import IMAGENET_FULL_LABELS, DataError, ImageNetSubset, imagenet_class_names
 
 G2D2_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("g2d2_*.yaml"))
 SOURCES = {
-    "ffhq": ("g2d2.datasets.ListedImageFolder", "G2D2_FFHQ_DIR"),
-    "imagenet": ("g2d2.datasets.ImageNetSubset", "G2D2_IMAGENET_DIR"),
+    "ffhq": ("g2d2.data.ImageFolder", "G2D2_FFHQ_DIR"),
+    "imagenet": ("g2d2.data.ImageNetSubset", "G2D2_IMAGENET_DIR"),
 }
 
 

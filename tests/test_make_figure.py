@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, load_script
+from conftest import ROOT
 from PIL import Image
+
+from g2d2.experiment import figures as make_figure
 
 MAKE_FIGURE = ROOT / "scripts" / "make_figure.py"
 
@@ -63,7 +65,6 @@ def test_default_figure_goes_into_the_sweep_in_the_table_order_without_empty_row
     left, top, pad, size = 110, 18, 2, 8
     assert height == top + 2 * (size + pad)  # sr4 #0, gauss_deblur #0: no empty rows for #1
     assert width == left + 5 * (size + pad)  # gt, measurement, g2d2_tiny, dps_tiny, pinv
-    make_figure = load_script("make_figure")
     runs, solvers = make_figure.collect(tmp_path)
     assert make_figure.table_order({t for t, _ in runs}, make_figure.TASK_ORDER) == ["sr4", "gauss_deblur"]
     assert make_figure.table_order({m for _, m in runs}, make_figure.SOLVER_ORDER, key=solvers.get) == [

@@ -1,4 +1,4 @@
-"""Tests of g2d2.metrics (PSNR, SSIM, LPIPS) and of scripts/install_lpips_weights.py.
+"""Tests of g2d2.experiment.metrics (PSNR, SSIM, LPIPS) and of scripts/install_lpips_weights.py.
 
 LPIPS tests need the real trunk weights in the torch hub cache; CI installs them first with
 `python scripts/install_lpips_weights.py`. When they are missing these tests FAIL with that hint.
@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
 
-from g2d2.metrics import (
+from g2d2.experiment.metrics import (
     LPIPS,
     LPIPS_INSTALL_COMMAND,
     LPIPSWeightsMissingError,
@@ -30,7 +29,9 @@ NOISE_STDS = (0.02, 0.05, 0.1, 0.2)
 
 @pytest.fixture(scope="module")
 def install_script():
-    return load_script("install_lpips_weights")
+    from g2d2.experiment import lpips_weights
+
+    return lpips_weights
 
 
 @pytest.fixture(scope="module")

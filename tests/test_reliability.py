@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT, RUN
 from safetensors.torch import load_file
 
-from g2d2.results import summarize
+from g2d2.experiment.results import summarize
 
 #: per-image fields that measure cost, not quality: they legitimately differ between two runs
 TIMING_KEYS = ("seconds", "peak_rss_mb", "peak_gpu_mem_mb")
@@ -374,7 +374,7 @@ def test_every_torch_load_is_weights_only():
 #: torch.save is allowed only where a .pt is not a weights release: the training-resume state
 #: (model + optimiser + generator, read back with weights_only=True) and the torchvision trunk
 #: file LPIPS reads from the torch hub cache under torchvision's own .pth name
-TORCH_SAVE_ALLOWED = {Path("g2d2/train_loop.py"), Path("scripts/install_lpips_weights.py")}
+TORCH_SAVE_ALLOWED = {Path("g2d2/train/loop.py"), Path("scripts/install_lpips_weights.py")}
 
 
 def test_weights_are_written_as_safetensors():

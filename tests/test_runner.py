@@ -10,7 +10,7 @@ import torch
 from conftest import run_entry_point
 from PIL import Image
 
-from g2d2.results import MetricsFile, summarize
+from g2d2.experiment.results import MetricsFile, summarize
 
 ALL_TASKS = ["sr4", "sr4_avgpool", "gauss_deblur", "motion_deblur", "inpaint_box", "inpaint_random", "cs", "denoise"]
 FAST = ["solver=pinv", "logger=none", "data.limit=2", "progress=false"]
@@ -82,7 +82,7 @@ def test_folder_with_grey_and_rgba_images_runs(tmp_path):
 def test_folder_data_follows_the_prior_image_size(tmp_path):
     from conftest import compose_config
 
-    from g2d2.runner import ConfigError, run
+    from g2d2.experiment.runner import ConfigError, run
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -152,7 +152,7 @@ def test_partial_last_line_is_dropped(tmp_path):
 def test_image_size_too_small_for_lpips_is_a_clear_error(tmp_path):
     from conftest import compose_config
 
-    from g2d2.runner import ConfigError, run
+    from g2d2.experiment.runner import ConfigError, run
 
     cfg = compose_config(["solver=pinv", "task=denoise", "data.image_size=16", "lpips_net=alex", "logger=none"])
     with pytest.raises(ConfigError, match="lpips_net=alex cannot score 16 px images.*lpips_net=vgg"):
@@ -165,7 +165,7 @@ def test_mixed_precision_run_and_bad_precision(tmp_path):
     an unknown precision is refused before anything is loaded, naming the accepted values."""
     from conftest import compose_config
 
-    from g2d2.runner import ConfigError, run
+    from g2d2.experiment.runner import ConfigError, run
 
     overrides = [
         "solver=g2d2", "task=denoise", "data.limit=1", "batch_size=1", "solver.num_steps=2", "solver.inner_iters=1",
@@ -186,7 +186,7 @@ def test_each_image_gets_its_own_operator_draw_at_any_batch_size(tmp_path):
     from conftest import compose_config
     from safetensors.torch import load_file
 
-    from g2d2.runner import run
+    from g2d2.experiment.runner import run
 
     args = ["solver=pinv", "task=inpaint_box", "data.limit=3", "logger=none", "save_images=false", "progress=false"]
     runs = {b: run(compose_config([*args, f"batch_size={b}"]), tmp_path / f"b{b}") for b in (1, 2)}
@@ -220,7 +220,7 @@ def test_a_corrupt_line_before_the_last_is_refused_not_truncated(tmp_path):
 def test_resume_refuses_a_data_set_whose_images_moved(tmp_path):
     from conftest import compose_config
 
-    from g2d2.runner import ConfigError, run
+    from g2d2.experiment.runner import ConfigError, run
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -240,7 +240,7 @@ def test_resume_refuses_a_data_set_whose_images_moved(tmp_path):
 def test_one_run_per_output_folder_and_the_tracker_is_always_finished(tmp_path):
     from conftest import compose_config
 
-    from g2d2.runner import ConfigError, exclusive_folder, run
+    from g2d2.experiment.runner import ConfigError, exclusive_folder, run
 
     args = ["solver=pinv", "task=denoise", "data.limit=1", "logger=none", "save_images=false", "progress=false"]
     (tmp_path / "out").mkdir()
@@ -268,9 +268,8 @@ def test_one_run_per_output_folder_and_the_tracker_is_always_finished(tmp_path):
 
 
 def test_sigterm_exits_like_an_interrupt():
-    from conftest import load_script
+    from g2d2.experiment import cli as run_script
 
-    run_script = load_script("run")
     with pytest.raises(SystemExit) as err:
         run_script.exit_on_sigterm(15, None)
     assert err.value.code == 143

@@ -19,10 +19,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from g2d2.data import DataError
-from g2d2.datasets import ImageNetSubset, ListedImageFolder, read_file_list
-from g2d2.priors.base import DiscretePrior, PixelPrior
-from g2d2.tables import (
+from g2d2.data import DataError, ImageFolder, ImageNetSubset, read_file_list
+from g2d2.experiment.tables import (
     TableError,
     build_tables,
     load_published,
@@ -33,6 +31,7 @@ from g2d2.tables import (
     to_latex,
     to_markdown,
 )
+from g2d2.priors.base import DiscretePrior, PixelPrior
 
 MAKE_TABLE = ROOT / "scripts" / "make_table.py"
 WEIGHTS = ROOT / "g2d2" / "priors" / "weights"
@@ -207,8 +206,8 @@ def _write_images(folder: Path, names: list[str], size: tuple[int, int] = (40, 3
 def test_ffhq_layout_release_root_and_folder_00000_select_the_same_first_images(tmp_path):
     names = [f"00000/{i:05d}.png" for i in range(3)] + [f"01000/{i:05d}.png" for i in range(1000, 1002)]
     _write_images(tmp_path, names)
-    root = ListedImageFolder(str(tmp_path), image_size=16, limit=3)
-    sub = ListedImageFolder(str(tmp_path / "00000"), image_size=16, limit=3)
+    root = ImageFolder(str(tmp_path), image_size=16, recursive=True, limit=3)
+    sub = ImageFolder(str(tmp_path / "00000"), image_size=16, limit=3)
     assert root.names == names[:3]
     assert [Path(n).name for n in sub.names] == [Path(n).name for n in root.names]
     name, x = root[0]
@@ -220,7 +219,7 @@ def test_ffhq_config_reads_the_folder_from_the_environment(tmp_path, monkeypatch
     _write_images(tmp_path, [f"{i:05d}.png" for i in range(2)], size=(300, 300))
     monkeypatch.setenv("G2D2_FFHQ_DIR", str(tmp_path))
     data = instantiate(compose_config(["data=ffhq"]).data)
-    assert isinstance(data, ListedImageFolder) and len(data) == 2
+    assert isinstance(data, ImageFolder) and len(data) == 2
     assert data[1][1].shape == (3, 256, 256)
 
 
@@ -249,14 +248,14 @@ def test_imagenet_without_a_list_warns_when_it_takes_a_sorted_subset(tmp_path, c
     """A full validation folder without the 1k list: data.limit (1000 in the config) keeps the cell at 1k
     images, and the run says that these are not the papers' list."""
     _write_images(tmp_path / "val", [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 4)])
-    with caplog.at_level("WARNING", logger="g2d2.datasets"):
+    with caplog.at_level("WARNING", logger="g2d2.data"):
         data = ImageNetSubset(str(tmp_path / "val"), image_size=8, limit=2)
     assert len(data) == 2 and data.num_available == 3
     assert "using 2 of the 3 images" in caplog.text and "G2D2_IMAGENET_LIST" in caplog.text
     caplog.clear()
     listing = tmp_path / "list.txt"
     listing.write_text("ILSVRC2012_val_00000002.JPEG 5\nILSVRC2012_val_00000003.JPEG 6\n")
-    with caplog.at_level("WARNING", logger="g2d2.datasets"):
+    with caplog.at_level("WARNING", logger="g2d2.data"):
         listed = ImageNetSubset(str(tmp_path / "val"), image_size=8, file_list=str(listing), limit=1)
     assert len(listed) == 1 and listed.num_available == 2 and not caplog.text
     assert compose_config(["data=imagenet", "data.path=/x"]).data.limit == 1000
@@ -283,9 +282,9 @@ def test_bad_file_lists_are_clear_errors(tmp_path):
     for text, message in (("missing.png\n", "not below"), ("b.png\n", "several files")):
         listing.write_text(text)
         with pytest.raises(DataError, match=message):
-            ListedImageFolder(str(tmp_path), image_size=8, file_list=str(listing))
+            ImageFolder(str(tmp_path), image_size=8, file_list=str(listing))
     listing.write_text("sub2/b.png\n")  # a relative path is never ambiguous
-    assert ListedImageFolder(str(tmp_path), image_size=8, file_list=str(listing)).names == ["sub2/b.png"]
+    assert ImageFolder(str(tmp_path), image_size=8, file_list=str(listing)).names == ["sub2/b.png"]
     listing.write_text("a.png 1000\n")
     with pytest.raises(DataError, match="0..999"):
         ImageNetSubset(str(tmp_path), image_size=8, file_list=str(listing))

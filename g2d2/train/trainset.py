@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: the evaluation images: never used for training
-HELD_OUT_IMAGE_NAMES: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket")
+from g2d2.data import EVAL_IMAGE_NAMES
+
+#: the evaluation images (data=embedded): never used for training
+HELD_OUT_IMAGE_NAMES = EVAL_IMAGE_NAMES
 #: RGB training photos
 TRAINING_RGB_NAMES: tuple[str, ...] = (
     "hubble_deep_field",

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from g2d2.experiment.metrics import psnr
+
 #: from_pretrained kwargs: fp16 files -> fp32 modules, no `accelerate` needed
 LOAD_KWARGS = dict(torch_dtype=torch.float32, low_cpu_mem_usage=False)
 
@@ -279,14 +281,8 @@ def save_fp16(model: nn.Module, path: str | Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B,)."""
-    mse = (x.float() - ref.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
-
-
 def bicubic_sr_psnr(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """PSNR of the naive SR baseline on `x` (B, 3, H, W): area down by `factor`, bicubic back up."""
     low = F.avg_pool2d(x.float(), factor)
     up = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
-    return psnr(up, x)
+    return psnr(up, x)  # the runner's metric (g2d2.experiment.metrics)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from g2d2 import synthetic
-from g2d2 import training as T
+from g2d2.train import models as T
+from g2d2.train import trainset
 
 logger = logging.getLogger(__name__)
 STAGES = ("vq", "transformer", "ddpm")
@@ -59,9 +59,9 @@ class Stage:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused)
 
-    def data(self, size: int = 64, permute_channels: bool = False) -> synthetic.TrainingImages:
+    def data(self, size: int = 64, permute_channels: bool = False) -> trainset.TrainingImages:
         kwargs = dict(num_shapes=16, chunk=16) if self.args.tiny else None
-        return synthetic.TrainingImages(size, self.device, self.args.dead_leaves_fraction, seed=self.args.seed,
+        return trainset.TrainingImages(size, self.device, self.args.dead_leaves_fraction, seed=self.args.seed,
                                         dead_leaves_kwargs=kwargs, permute_channels=permute_channels)
 
     def fmt(self, x: torch.Tensor) -> torch.Tensor:

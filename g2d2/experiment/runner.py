@@ -24,14 +24,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from g2d2 import metrics as quality
+from g2d2.data import to_uint8
 from g2d2.errors import UserError
+from g2d2.experiment import metrics as quality
+from g2d2.experiment.provenance import environment_info
+from g2d2.experiment.results import RESUME_FREE_KEYS, MetricsFile, config_diff, summarize, write_json_atomic
+from g2d2.experiment.tracking import measure_cost
 from g2d2.operators.base import LinearOperator, per_image
 from g2d2.priors.base import PRECISIONS, DiscretePrior, PixelPrior
-from g2d2.provenance import environment_info
-from g2d2.results import RESUME_FREE_KEYS, MetricsFile, config_diff, summarize, write_json_atomic
 from g2d2.solvers.base import NonFiniteError, check_finite
-from g2d2.tracking import measure_cost
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     """The CPU generator of image `index`: every random draw of that image comes from it."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def build_solver(cfg: DictConfig) -> Any:
+    """The solver of cfg.solver, given the noise process of cfg.noise_schedule (None when that group is null)."""
+    schedule = instantiate(cfg.noise_schedule) if cfg.get("noise_schedule") else None
+    return instantiate(cfg.solver, noise_schedule=schedule)
+
+
+def build_prior(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """The prior of cfg.prior on `device` at cfg.precision, with cfg.gradient_checkpointing (loads its weights)."""
+    return instantiate(
+        cfg.prior, device=device, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing
+    )
 
 
 #: integer keys (dotted, checked where the config has them) and their smallest allowed value
@@ -226,8 +240,7 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [-1, 1] -> 8-bit PNG."""
     from PIL import Image
 
-    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
+    Image.fromarray(to_uint8(image)).save(path)
 
 
 def run(
@@ -290,13 +303,8 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
     """Build solver, prior, data and one operator and run every check, writing nothing (but the repair of an
     interrupted metrics.jsonl line); returns what _solve needs."""
     device = resolve_device(cfg.device)
-    schedule = instantiate(cfg.noise_schedule) if cfg.get("noise_schedule") else None
-    solver = instantiate(cfg.solver, noise_schedule=schedule)
-    prior = None
-    if solver.prior_kind is not None:
-        prior = instantiate(
-            cfg.prior, device=device, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing
-        )
+    solver = build_solver(cfg)
+    prior = build_prior(cfg, device) if solver.prior_kind is not None else None
     if cfg.data.get("image_size") is None:  # follow the prior: record the size it resolved to
         size = data_image_size(cfg, prior)
         cfg = copy.deepcopy(cfg)
@@ -320,8 +328,8 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
 
 
 def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker: Any | None) -> dict[str, Any]:
-    cfg, device, cfg_dict, metrics_file, done = job.cfg, job.device, job.cfg_dict, job.metrics_file, job.done
-    data, solver, prior, prompts, lpips = job.data, job.solver, job.prior, job.prompts, job.lpips
+    """Solve the batches not finished yet, record each image as its batch ends, then summarise."""
+    cfg, cfg_dict, metrics_file, done, data = job.cfg, job.cfg_dict, job.metrics_file, job.done, job.data
     write_json_atomic(output_dir / "run_config.json", job.comparable)
     logger.info("output folder: %s", output_dir)
 
@@ -341,68 +349,7 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
         batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
         batches = [batch for batch in batches if not done.issuperset(batch)]
         for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
-            names, images = zip(*(data[i] for i in batch), strict=True)
-            x = torch.stack(images).to(device)
-            # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
-            # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
-            # The solver's draws continue the first image's generator (with batch_size=1, per image).
-            generators = [image_generator(cfg.seed, i) for i in batch]
-            generator = generators[0]
-            if prompts is not None:
-                prior.set_prompts([prompts[i] for i in batch])
-            operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
-            pairs = enumerate(zip(operators, generators, strict=True))
-            y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
-            operator = per_image(operators)
-            error = None
-            with measure_cost(device) as cost:
-                try:
-                    x_hat = solver.solve(prior, operator, y, generator=generator, progress=cfg.progress)
-                    check_finite(x_hat, "the reconstruction")
-                except NonFiniteError as err:
-                    error = str(err)
-            if error is None:
-                x_hat = x_hat.detach().float().clamp(-1, 1)
-                with torch.no_grad():
-                    scores = {
-                        "psnr": quality.psnr(x_hat, x).tolist(),
-                        "ssim": quality.ssim(x_hat, x).tolist(),
-                        "lpips": lpips(x_hat, x).tolist(),
-                    }
-                view = operator.pinv(y).clamp(-1, 1)
-            for index, op in zip(batch, operators, strict=True):
-                save_operator_state(op, output_dir / "operators" / f"{index:05d}.safetensors")
-            for j, (index, name) in enumerate(zip(batch, names, strict=True)):
-                if index in done:
-                    continue  # finished before an interruption inside this batch
-                record = {
-                    "index": index,
-                    "name": name,
-                    "seconds": cost.seconds / len(batch),
-                    "peak_gpu_mem_mb": cost.peak_gpu_mem_mb,
-                    "peak_rss_mb": cost.peak_rss_mb,
-                    "batch_size": len(batch),
-                }
-                if prompts is not None:
-                    record["prompt"] = prompts[index]
-                if error is not None:
-                    logger.error("image %d (%s) failed: %s", index, name, error)
-                    record.update(status="nonfinite", error=error)
-                    metrics_file.append(record)
-                    tracker.log_image(index, name, {"failed": 1}, None)
-                    continue
-                record.update(status="ok", **{k: v[j] for k, v in scores.items()})
-                stem = f"{index:05d}_{Path(name).stem}"
-                grid = torch.cat([x[j], view[j], x_hat[j]], dim=2)
-                if cfg.save_images:
-                    for suffix, image in (("gt", x[j]), ("measurement", view[j]), ("recon", x_hat[j])):
-                        save_png(image, output_dir / "images" / f"{stem}_{suffix}.png")
-                metrics_file.append(record)
-                tracker.log_image(index, name, record, grid)
-                logger.info(
-                    "image %d (%s): PSNR %.2f dB, SSIM %.3f, LPIPS %.3f, %.1f s",
-                    index, name, record["psnr"], record["ssim"], record["lpips"], record["seconds"],
-                )
+            _record(job, output_dir, tracker, batch, _solve_batch(job, batch))
 
         summary = summarize(metrics_file.read())
         summary.update(
@@ -410,7 +357,7 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
             config=cfg_dict,
             choices=choices,
             output_dir=str(output_dir),
-            environment=environment_info(device),
+            environment=environment_info(job.device),
         )
         write_json_atomic(output_dir / "summary.json", summary)
         tracker.log_summary(summary)
@@ -420,3 +367,90 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
     finally:
         tracker.finish()  # also on an exception or SIGTERM (scripts/run.py): the W&B run keeps what was logged
     return summary
+
+
+@dataclass
+class _Solved:
+    """One solved batch: images (B, 3, H, W), the measurement's pseudo-inverse view, the reconstruction and
+    its scores (None and an error message when the solve was not finite), its cost and operators."""
+
+    names: tuple[str, ...]
+    x: torch.Tensor
+    view: torch.Tensor | None
+    x_hat: torch.Tensor | None
+    scores: dict[str, list[float]] | None
+    error: str | None
+    cost: Any
+    operators: list[LinearOperator]
+
+
+def _solve_batch(job: _Job, batch: list[int]) -> _Solved:
+    """Pose and solve the problems of one batch of image indices, and score the reconstructions."""
+    cfg, device = job.cfg, job.device
+    names, images = zip(*(job.data[i] for i in batch), strict=True)
+    x = torch.stack(images).to(device)
+    # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
+    # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
+    # The solver's draws continue the first image's generator (with batch_size=1, per image).
+    generators = [image_generator(cfg.seed, i) for i in batch]
+    if job.prompts is not None:
+        job.prior.set_prompts([job.prompts[i] for i in batch])
+    operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
+    pairs = enumerate(zip(operators, generators, strict=True))
+    y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
+    operator = per_image(operators)
+    x_hat = view = scores = error = None
+    with measure_cost(device) as cost:
+        try:
+            x_hat = job.solver.solve(job.prior, operator, y, generator=generators[0], progress=cfg.progress)
+            check_finite(x_hat, "the reconstruction")
+        except NonFiniteError as err:
+            x_hat, error = None, str(err)
+    if error is None:
+        x_hat = x_hat.detach().float().clamp(-1, 1)
+        with torch.no_grad():
+            scores = {
+                "psnr": quality.psnr(x_hat, x).tolist(),
+                "ssim": quality.ssim(x_hat, x).tolist(),
+                "lpips": job.lpips(x_hat, x).tolist(),
+            }
+        view = operator.pinv(y).clamp(-1, 1)
+    return _Solved(names, x, view, x_hat, scores, error, cost, operators)
+
+
+def _record(job: _Job, output_dir: Path, tracker: Any, batch: list[int], solved: _Solved) -> None:
+    """Write a solved batch: operator states, then per image its metrics line, PNGs and tracker entry
+    (images finished before an interruption inside this batch are not written again)."""
+    for index, op in zip(batch, solved.operators, strict=True):
+        save_operator_state(op, output_dir / "operators" / f"{index:05d}.safetensors")
+    for j, (index, name) in enumerate(zip(batch, solved.names, strict=True)):
+        if index in job.done:
+            continue
+        record = {
+            "index": index,
+            "name": name,
+            "seconds": solved.cost.seconds / len(batch),
+            "peak_gpu_mem_mb": solved.cost.peak_gpu_mem_mb,
+            "peak_rss_mb": solved.cost.peak_rss_mb,
+            "batch_size": len(batch),
+        }
+        if job.prompts is not None:
+            record["prompt"] = job.prompts[index]
+        if solved.error is not None:
+            logger.error("image %d (%s) failed: %s", index, name, solved.error)
+            record.update(status="nonfinite", error=solved.error)
+            job.metrics_file.append(record)
+            tracker.log_image(index, name, {"failed": 1}, None)
+            continue
+        record.update(status="ok", **{k: v[j] for k, v in solved.scores.items()})
+        x, view, x_hat = solved.x[j], solved.view[j], solved.x_hat[j]
+        if job.cfg.save_images:
+            stem = f"{index:05d}_{Path(name).stem}"
+            for suffix, image in (("gt", x), ("measurement", view), ("recon", x_hat)):
+                save_png(image, output_dir / "images" / f"{stem}_{suffix}.png")
+        job.metrics_file.append(record)
+        tracker.log_image(index, name, record, torch.cat([x, view, x_hat], dim=2))
+        logger.info(
+            "image %d (%s): PSNR %.2f dB, SSIM %.3f, LPIPS %.3f, %.1f s",
+            index, name, record["psnr"], record["ssim"], record["lpips"], record["seconds"],
+        )

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from g2d2.results import RESUME_FREE_KEYS, config_diff
+from g2d2.experiment.results import RESUME_FREE_KEYS, config_diff
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from g2d2.data import to_uint8
+
 logger = logging.getLogger(__name__)
 
 
@@ -121,8 +123,7 @@ class WandbLogger(NullLogger):
         data: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         data["image_index"] = index
         if grid is not None:
-            array = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            data["images"] = wandb.Image(array, caption=f"{name}: ground truth | measurement | reconstruction")
+            data["images"] = wandb.Image(to_uint8(grid), caption=f"{name}: ground truth | measurement | reconstruction")
         self.run.log(data)
 
     def log_summary(self, summary: dict[str, Any]) -> None:

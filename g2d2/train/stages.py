@@ -13,17 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from g2d2 import synthetic
-from g2d2 import training as T
+from g2d2.experiment.metrics import psnr
 from g2d2.priors.base import freeze
-from g2d2.train_loop import Stage, TensorState
+from g2d2.train import models as T
+from g2d2.train import trainset
+from g2d2.train.loop import Stage, TensorState
 
 TRANSFORMER_EVAL_FRACTIONS = (0.1, 0.5, 0.9)  # held-out metrics at t = fraction * T
 DDPM_EVAL_T = (50, 250, 500, 750)
 
 
 def held_out(args, device: torch.device) -> torch.Tensor:
-    return synthetic.held_out_crops(args.num_eval, 64, seed=1234).to(device)
+    return trainset.held_out_crops(args.num_eval, 64, seed=1234).to(device)
 
 
 class VQStage(Stage):
@@ -36,7 +37,7 @@ class VQStage(Stage):
     `--vq-decoder-only` continues it with the encoder, quant_conv and codebook frozen, so the tokens
     (and a transformer trained on them) stay exactly valid.
     `--vq-permute-channels` shows each training image with a random RGB channel order (colour
-    coverage; see `synthetic.TrainingImages`).
+    coverage; see `trainset.TrainingImages`).
     """
 
     name = "vq"
@@ -69,7 +70,7 @@ class VQStage(Stage):
         k = self.model.config.num_vq_embeddings
         self.restarter = T.DeadCodeRestarter(k, self.device)
         self.eval_x = held_out(self.args, self.device)
-        self.eval_whole = synthetic.held_out_whole_images(64).to(self.device)
+        self.eval_whole = trainset.held_out_whole_images(64).to(self.device)
         return dict(model=self.model, opt=self.opt, usage=TensorState(self.restarter.usage))
 
     def step(self, step: int, frac: float) -> dict[str, torch.Tensor]:
@@ -103,8 +104,8 @@ class VQStage(Stage):
         whole, _ = T.vq_reconstruct(model, self.eval_whole)
         model.train()
         used = torch.unique(torch.cat(ids)).numel()
-        return dict(psnr_crops=round(T.psnr(rec, self.eval_x).mean().item(), 3),
-                    psnr_whole=round(T.psnr(whole, self.eval_whole).mean().item(), 3),
+        return dict(psnr_crops=round(psnr(rec, self.eval_x).mean().item(), 3),
+                    psnr_whole=round(psnr(whole, self.eval_whole).mean().item(), 3),
                     codes_used_eval=used, codes_alive=self.restarter.alive())
 
     def export(self) -> dict:

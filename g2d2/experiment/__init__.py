@@ -1,0 +1,1 @@
+"""The experiment runner around the core: run, score, record, tabulate, track."""
