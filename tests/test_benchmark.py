@@ -1,5 +1,6 @@
-"""Smoke test of scripts/benchmark.py at tiny scale on the CPU (the GPU run uses --scale full), and unit tests of
-its step clock and host-sync counter with a toy solver and a fake clock."""
+"""Smoke test of scripts/benchmark.py at tiny scale on the CPU (the GPU run uses --scale full), the proof that its
+rows are composed as run.py composes them, and unit tests of its step clock and host-sync counter (g2d2.bench.timing)
+with a toy solver and a fake clock."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import compose_config
+from omegaconf import OmegaConf
 
+from g2d2.bench import cli, profiling, rows, timing
+from g2d2.experiment.runner import build_prior
 from g2d2.solvers.base import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +87,56 @@ def test_tiny_benchmark_markdown(tiny_run: tuple[dict, str, float]) -> None:
     assert result["meta"]["scale"] == "tiny" and result["meta"]["torch"]
 
 
+def _resolved(cfg) -> dict:
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+            for key in ("solver", "noise_schedule", "prior")}
+
+
+def test_tiny_benchmark_rows_are_run_py_configs(tiny_run: tuple[dict, str, float]) -> None:
+    """Each row's solver, noise schedule and prior are run.py's composition of the row's overrides, with the
+    solver yaml's own schedule (RED-Diff: the leading grid) and its interpolated values (DPS: scale 0.3)."""
+    result, _, _ = tiny_run
+    for r in result["rows"]:
+        assert r["config"] == _resolved(compose_config(r["overrides"])), r["overrides"]
+    schedules = {r["solver"]: r["config"]["noise_schedule"] for r in result["rows"]}
+    assert schedules["red_diff"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "leading"}
+    assert schedules["dps"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "linspace"}
+    assert schedules["g2d2"]["_target_"] == "g2d2.noise.star.StarShaped"
+    assert {r["config"]["solver"]["scale"] for r in result["rows"] if r["solver"] == "dps"} == {0.3}
+    g2d2 = next(r for r in result["rows"] if r["solver"] == "g2d2")
+    assert g2d2["config"]["prior"]["prompt"] == "a photo of a tench" and g2d2["config"]["prior"]["guidance_scale"] == 5
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py solver=red_diff
+    prior=tiny_ddpm` composed by Hydra, and the solver the row times is built from it (ddpm_leading grid)."""
+    args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--measure-steps-pixel", "1", "--bare-reps", "1"])
+    overrides = rows.row_overrides("red_diff", "tiny_ddpm", None, 64, "fp32", False, args)
+    cfg = rows.compose_run_config(overrides)
+    run_py = compose_config(["solver=red_diff", "prior=tiny_ddpm", "task=sr4"])  # as a user types it
+    assert _resolved(cfg) == _resolved(run_py)
+    assert cfg.noise_schedule.spacing == "leading"
+    timed = []
+    build_solver = rows.build_solver
+    monkeypatch.setattr(rows, "build_solver", lambda c: timed.append(build_solver(c)) or timed[-1])
+    row = rows.run_solver("red_diff", cfg, build_prior(cfg, torch.device("cpu")), "tiny_ddpm", "fp32", args,
+                          torch.device("cpu"))
+    assert row["status"] == "ok" and row["steps_timed"] == 1, row
+    (solver,) = timed
+    assert solver.noise_schedule.spacing == "leading"
+    assert (row["num_steps"], solver.lr) == (run_py.solver.num_steps, run_py.solver.lr)
+
+
+def test_trailing_overrides_reach_every_row() -> None:
+    """`python scripts/benchmark.py ... noise_schedule=ddpm` changes the rows as it changes run.py's config."""
+    args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "noise_schedule=ddpm", "task.sigma=0.1"])
+    cfg = rows.compose_run_config(rows.row_overrides("red_diff", "adm_ffhq", Path("/x y/ckpt"), 32, "fp16", True, args))
+    assert cfg.noise_schedule.spacing == "linspace" and cfg.task.sigma == 0.1
+    assert (cfg.prior.path, cfg.precision, cfg.gradient_checkpointing) == ("/x y/ckpt", "fp16", True)
+
+
 # ----------------------------------------------------------------- step clock and sync counter, no subprocess
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("benchmark")
-
-
 class ToyNet(torch.nn.Module):
     """The "prior network": step k lasts k + 1 fake seconds and makes k synchronising calls."""
 
@@ -120,8 +168,8 @@ class ToySolver:
 
 
 @pytest.fixture
-def fake_clock(bench, monkeypatch: pytest.MonkeyPatch):
-    """(now, sync stamps): time.perf_counter reads `now`; benchmark._sync records when it is called and warns
+def fake_clock(monkeypatch: pytest.MonkeyPatch):
+    """(now, sync stamps): time.perf_counter reads `now`; timing.sync records when it is called and warns
     like a synchronising CUDA call (which the counter must not count)."""
     now, syncs = [0.0], []
 
@@ -129,21 +177,21 @@ def fake_clock(bench, monkeypatch: pytest.MonkeyPatch):
         syncs.append(now[0])
         warnings.warn(SYNC_MESSAGE, stacklevel=1)
 
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(bench, "_sync", sync)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing, "sync", sync)
     return now, syncs
 
 
-def _measure(bench, net: ToyNet, solver: ToySolver, warmup: int, measure: int) -> dict:
+def _measure(net: ToyNet, solver: ToySolver, warmup: int, measure: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the toy's sync warnings, when nothing records them
-        return bench.measure_solve(solver, net, net, None, None, torch.device("cpu"), warmup, measure)
+        return timing.measure_solve(solver, net, net, None, None, torch.device("cpu"), warmup, measure)
 
 
-def test_step_clock_syncs_only_at_window_edges(bench, fake_clock) -> None:
+def test_step_clock_syncs_only_at_window_edges(fake_clock) -> None:
     now, syncs = fake_clock
     net = ToyNet(now)
-    out = _measure(bench, net, ToySolver(num_steps=10), warmup=2, measure=3)
+    out = _measure(net, ToySolver(num_steps=10), warmup=2, measure=3)
     # step k starts at 1 + 2 + ... + k: the window is [start of step 2, start of step 5] = [3, 15]
     assert syncs == [3.0, 15.0]  # no synchronisation at the intermediate steps
     assert net.calls == 5  # stopped at the start of step 5, before its network call
@@ -152,22 +200,22 @@ def test_step_clock_syncs_only_at_window_edges(bench, fake_clock) -> None:
     assert out["host_syncs_per_step"] is None and out["peak_gpu_mib"] is None and "note" not in out
 
 
-def test_step_clock_end_of_solve_and_divergence(bench, fake_clock) -> None:
+def test_step_clock_end_of_solve_and_divergence(fake_clock) -> None:
     now, syncs = fake_clock
-    out = _measure(bench, ToyNet(now), ToySolver(num_steps=4), warmup=1, measure=5)  # fewer steps than asked
+    out = _measure(ToyNet(now), ToySolver(num_steps=4), warmup=1, measure=5)  # fewer steps than asked
     assert syncs == [1.0, 10.0] and out["steps_timed"] == 3
     assert out["s_per_step"] == pytest.approx((10.0 - 1.0) / 3)
     now[0], syncs[:] = 0.0, []
-    out = _measure(bench, ToyNet(now), ToySolver(num_steps=10, fail_at=4), warmup=1, measure=5)
+    out = _measure(ToyNet(now), ToySolver(num_steps=10, fail_at=4), warmup=1, measure=5)
     assert syncs == [1.0, 10.0] and out["steps_timed"] == 3  # steps 1..3 before the divergence at step 4
     assert out["s_per_step"] == pytest.approx(3.0) and out["note"].startswith("stopped early")
     now[0], syncs[:] = 0.0, []
-    out = _measure(bench, ToyNet(now), ToySolver(num_steps=2), warmup=3, measure=2)  # ends within the warm-up
+    out = _measure(ToyNet(now), ToySolver(num_steps=2), warmup=3, measure=2)  # ends within the warm-up
     assert syncs == [3.0] and out["steps_timed"] == 2 and out["s_per_step"] == pytest.approx(1.5)
     assert "warm-up" in out["note"]
 
 
-def test_host_syncs_counted_in_the_window_only(bench, fake_clock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_syncs_counted_in_the_window_only(fake_clock, monkeypatch: pytest.MonkeyPatch) -> None:
     now, syncs = fake_clock
 
     @contextlib.contextmanager
@@ -176,38 +224,38 @@ def test_host_syncs_counted_in_the_window_only(bench, fake_clock, monkeypatch: p
             warnings.simplefilter("always")
             yield log
 
-    monkeypatch.setattr(bench, "host_sync_log", recording)
-    out = _measure(bench, ToyNet(now), ToySolver(num_steps=10), warmup=1, measure=3)
+    monkeypatch.setattr(timing, "host_sync_log", recording)
+    out = _measure(ToyNet(now), ToySolver(num_steps=10), warmup=1, measure=3)
     # steps 1, 2, 3 make 1 + 2 + 3 syncs; the warm-up step's and the window edges' (fake_clock warns) excluded
     assert len(syncs) == 2 and out["steps_timed"] == 3
     assert out["host_syncs_per_step"] == pytest.approx(6 / 3)
 
 
-def test_host_sync_log_restores_mode_and_never_breaks(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_sync_log_restores_mode_and_never_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")  # nothing touches a GPU: the sync debug mode functions are faked
-    with bench.host_sync_log(torch.device("cpu")) as log:
+    with timing.host_sync_log(torch.device("cpu")) as log:
         assert log is None
-    with bench.host_sync_log(cuda, enabled=False) as log:
+    with timing.host_sync_log(cuda, enabled=False) as log:
         assert log is None
     modes = []
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     with pytest.warns(UserWarning, match="unrelated") as replayed:  # other warnings: replayed once, not swallowed
-        with bench.host_sync_log(cuda) as log:
+        with timing.host_sync_log(cuda) as log:
             for _ in range(3):
                 warnings.warn(SYNC_MESSAGE, stacklevel=1)
                 warnings.warn("unrelated", stacklevel=1)
-    assert modes == ["warn", 0] and sum(map(bench._is_sync_warning, log)) == 3
+    assert modes == ["warn", 0] and sum(map(timing.is_sync_warning, log)) == 3
     assert [str(w.message) for w in replayed] == ["unrelated"]
 
     def broken(mode) -> None:
         raise RuntimeError("no sync debug mode here")
 
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", broken)
-    with bench.host_sync_log(cuda) as log:  # failing to set: no count, no error
+    with timing.host_sync_log(cuda) as log:  # failing to set: no count, no error
         assert log is None
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: broken(mode) if mode != "warn" else None)
-    with bench.host_sync_log(cuda) as log:  # failing to restore: logged, no error
+    with timing.host_sync_log(cuda) as log:  # failing to restore: logged, no error
         assert log == []
 
 
@@ -233,7 +281,6 @@ def test_checkpointing_rows_and_profiled_steps(tmp_path) -> None:
 def test_a_failing_profiled_step_leaves_no_profiler_running(tmp_path) -> None:
     """A solve that fails inside the profiled step (NaN, OOM) must not leave the profiler on: every later
     row would be timed under it."""
-    bench = load_script("benchmark")
     network = torch.nn.Linear(2, 2)
 
     class FailsInStepTwo:
@@ -243,6 +290,6 @@ def test_a_failing_profiled_step_leaves_no_profiler_running(tmp_path) -> None:
             raise NonFiniteError("diverged")  # ... and fails
 
     with pytest.raises(NonFiniteError):
-        bench.profile_step(FailsInStepTwo(), None, network, None, None, torch.device("cpu"), tmp_path / "p.txt")
+        profiling.profile_step(FailsInStepTwo(), None, network, None, None, torch.device("cpu"), tmp_path / "p.txt")
     assert not torch.autograd.profiler._is_profiler_enabled
     assert not network._forward_pre_hooks

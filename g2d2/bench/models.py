@@ -1,8 +1,8 @@
-"""Random-weight checkpoints with the shapes of the real priors, for `scripts/benchmark.py`.
+"""Random-weight checkpoints with the shapes of the real priors, for the benchmark.
 
 Memory and time of a network do not depend on its weights, so the benchmark builds each prior's
-architecture from its config with random weights, saves it in the folder layout our loaders read
-(`VQDiffusionPrior`, `DDPMPrior`) and loads it back through them. Nothing is downloaded.
+architecture with random weights and saves it in the folder layout our loaders read; the row then
+loads it through conf/prior/<name>.yaml with `prior.path` pointing at that folder. Nothing is downloaded.
 
 Shapes ("full" scale), from the public configs:
     VQ-Diffusion ITHQ (microsoft/vq-diffusion-ithq, converted by diffusers'

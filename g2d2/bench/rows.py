@@ -1,0 +1,285 @@
+"""One benchmark row = one `python scripts/run.py <overrides>` configuration, timed for a few steps.
+
+Each row composes conf/config.yaml with the overrides run.py would get (solver, task, prior, the prior's
+path pointing at the random checkpoint, precision, gradient checkpointing, device, image size, plus the
+user's own) and builds solver, prior and operator with the runner's builders: the benchmark times
+exactly what run.py runs, interpolations, per-task settings and the solver's own noise schedule included.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from g2d2.bench import models, timing
+from g2d2.bench.profiling import profile_step
+from g2d2.experiment.cli import CONF_DIR
+from g2d2.experiment.runner import build_prior, build_solver, check_config, check_prior, image_generator
+from g2d2.experiment.tracking import measure_cost, peak_rss_mb
+from g2d2.priors.base import DiscretePrior
+
+logger = logging.getLogger(__name__)
+
+#: solver (conf/solver/<name>.yaml) -> the kind of random prior its rows run on (None: no prior)
+SOLVERS = {"g2d2": "vq", "red_diff": "pixel", "dps": "pixel", "pinv": None}
+#: conf/prior option whose shapes the random VQ checkpoint has (the pixel ones: models.ADM_SHAPES' names)
+VQ_PRIOR = "vq_diffusion_ithq"
+
+
+def quoted(value: str) -> str:
+    """`value` as a Hydra override value: quoted, so spaces, commas and `=` stay literal."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters; Hydra overrides cannot take it here")
+
+
+def row_overrides(
+    solver: str, prior: str | None, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool,
+    args,
+) -> list[str]:
+    """The run.py overrides of one row; `checkpoint` replaces the prior's path (None keeps the yaml's)."""
+    overrides = [
+        f"solver={solver}", f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
+        f"gradient_checkpointing={str(checkpointing).lower()}", f"device={args.device}", f"seed={args.seed}",
+    ]
+    if prior is not None:
+        overrides.append(f"prior={prior}")
+        if checkpoint is not None:
+            overrides.append(f"prior.path={quoted(str(checkpoint))}")
+        if SOLVERS[solver] == "vq":  # the ImageNet setting: one prompt, classifier-free guidance
+            overrides += [f"prior.prompt={quoted(args.prompt)}", f"prior.guidance_scale={args.guidance}"]
+    return overrides + list(args.overrides)
+
+
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml composed with `overrides`, as `python scripts/run.py <overrides>` composes it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    check_config(cfg)
+    return cfg
+
+
+def row_config(cfg: DictConfig) -> dict:
+    """The resolved solver, noise_schedule and prior configs a row was built from (recorded in the JSON)."""
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        for key in ("solver", "noise_schedule", "prior")
+    }
+
+
+def prior_key(cfg: DictConfig) -> str:
+    """What decides the loaded prior: rows with the same key share one load."""
+    return json.dumps([row_config(cfg)["prior"], cfg.precision, cfg.gradient_checkpointing, cfg.device])
+
+
+def step_network(prior: torch.nn.Module) -> torch.nn.Module:
+    """The network a solver calls once per outer step: its calls mark the steps."""
+    return prior.transformer if isinstance(prior, DiscretePrior) else prior.unet
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def failure(err: BaseException, where: str) -> dict:
+    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return {"status": "oom" if oom else "error", "error": f"{where}{type(err).__name__}: {str(err)[:300]}"}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.split(":")[0].strip()).strip("_")
+
+
+def step_counts(name: str, args) -> dict:
+    """The counts a solver's row is timed with: warm-up and timed outer steps, bare prior repetitions.
+
+    Pixel solvers (steps of tens of ms) are timed over --measure-steps-pixel steps and their bare prior over at
+    least as many calls; G2D2 over --measure-steps. pinv is one call per solve, timed over --bare-reps calls
+    after one warm-up call."""
+    if SOLVERS[name] is None:
+        return {"warmup_steps": 1, "measure_steps": args.bare_reps, "bare_reps": None}
+    if SOLVERS[name] == "pixel":
+        measure = args.measure_steps_pixel
+        return {"warmup_steps": args.warmup_steps, "measure_steps": measure, "bare_reps": max(args.bare_reps, measure)}
+    return {"warmup_steps": args.warmup_steps, "measure_steps": args.measure_steps, "bare_reps": args.bare_reps}
+
+
+def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int) -> dict:
+    """Seconds per step of the prior network alone, as the solver uses it.
+
+    G2D2 = one guided transformer pass + inner_iters x relaxed-decode forward+backward; DPS = UNet forward +
+    backward w.r.t. its input; RED-Diff = UNet forward; each the mean of `reps` back-to-back calls.
+    """
+    with measure_cost(device) as cost:
+        if name == "g2d2":
+            tokens = torch.full((1, prior.num_tokens), prior.mask_id, dtype=torch.long, device=device)
+            t_net = timing.timed(lambda: prior.log_p_x0(tokens, prior.num_timesteps - 1), reps, device)
+            logits = torch.randn(1, prior.num_codes, prior.num_tokens, device=device, requires_grad=True)
+
+            def decode_fwd_bwd() -> None:
+                prior.decode(torch.softmax(logits, dim=1)).sum().backward()
+                logits.grad = None
+
+            t_dec = timing.timed(decode_fwd_bwd, reps, device)
+            out = {"transformer_s": t_net, "decode_fwd_bwd_s": t_dec}
+            out["bare_s_per_step"] = t_net + solver.inner_iters * t_dec
+        else:
+            x = torch.randn(1, 3, prior.image_size, prior.image_size, device=device)
+            t = prior.num_train_timesteps // 2
+            if name == "dps":  # DPS differentiates through the network w.r.t. its input
+                x.requires_grad_(True)
+                grad = lambda: torch.autograd.grad(prior.eps(x, t).sum(), x)  # noqa: E731
+                out = {"bare_s_per_step": timing.timed(grad, reps, device)}
+            else:
+                with torch.no_grad():
+                    out = {"bare_s_per_step": timing.timed(lambda: prior.eps(x, t), reps, device)}
+    out["bare_peak_gpu_mib"] = cost.peak_gpu_mem_mb
+    return out
+
+
+def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, args, device: torch.device) -> dict:
+    """One row: build the solver and the task from `cfg`, time the solve, then the bare prior; failures recorded.
+
+    `prior` is the one the runner's build_prior made from this cfg (None for pinv)."""
+    counts = step_counts(name, args)
+    row = {"solver": name, "prior": shape, "precision": precision, "status": "ok", **counts}
+    try:
+        solver = build_solver(cfg)
+        image_size = cfg.data.image_size
+        check_prior(solver, prior, image_size)
+        # the operator and measurement of image 0 of `python scripts/run.py <overrides>`; their content
+        # does not change the cost
+        gen = image_generator(cfg.seed, 0)
+        operator = instantiate(cfg.task.operator, generator=gen).to(device)
+        x = (torch.rand(1, *operator.image_shape, generator=gen) * 2 - 1).to(device)
+        y = operator.measure(x, cfg.task.sigma, gen)
+        num_steps = int(getattr(solver, "num_steps", 1))
+        row.update(num_steps=num_steps, inner_iters=getattr(solver, "inner_iters", None), task=args.task)
+        if prior is None:  # pinv: one call is the whole solve
+            with measure_cost(device) as cost:
+                row["s_per_step"] = timing.timed(lambda: solver.solve(None, operator, y, gen), args.bare_reps, device)
+            row.update(peak_gpu_mib=cost.peak_gpu_mem_mb, steps_timed=args.bare_reps, host_syncs_per_step=None)
+        else:
+            network = step_network(prior)
+            row.update(timing.measure_solve(solver, prior, network, operator, y, device, counts["warmup_steps"],
+                                            counts["measure_steps"], args.seed, args.count_syncs))
+        row["s_per_image"] = row["s_per_step"] * num_steps
+    except Exception as err:  # noqa: BLE001 - one configuration failing must not stop the benchmark
+        row.update(failure(err, ""))
+    free(device)
+    if row["status"] == "ok" and prior is not None:
+        try:
+            row.update(bare_prior_cost(name, solver, prior, device, counts["bare_reps"]))
+            row["overhead"] = row["s_per_step"] / row["bare_s_per_step"] - 1.0
+        except Exception as err:  # noqa: BLE001 - keep the solver's numbers
+            row["bare_error"] = failure(err, "bare prior: ")["error"]
+        free(device)
+    if row["status"] == "ok" and prior is not None and args.profile:
+        path = Path(args.profile) / f"{name}_{_slug(shape)}_{precision}.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            profile_step(solver, prior, step_network(prior), operator, y, device, path, args.seed)
+            row["profile"] = str(path)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: keep the row
+            row["profile_error"] = failure(err, "profile: ")["error"]
+        free(device)
+    if row["status"] != "ok":
+        logger.warning("%s / %s / %s: %s", name, shape, precision, row["error"])
+    row["peak_rss_mib"] = peak_rss_mb()
+    return row
+
+
+def pinv_row(args, device: torch.device) -> dict:
+    """The pseudo-inverse row (no prior) at args.pinv_size."""
+    overrides = row_overrides("pinv", None, None, args.pinv_size, "fp32", False, args)
+    try:
+        cfg = compose_run_config(overrides)
+    except Exception as err:  # noqa: BLE001
+        head = {"solver": "pinv", "prior": "none", "precision": "fp32", "overrides": overrides}
+        return {**head, **failure(err, "config: ")}
+    row = run_solver("pinv", cfg, None, "none", "fp32", args, device)
+    return {**row, "overrides": overrides, "config": row_config(cfg)}
+
+
+def _write_checkpoint(prior: str, folder: Path, scale: str, device: torch.device) -> dict:
+    """The random checkpoint of conf/prior/<prior>.yaml's shapes, built on `device` (or the CPU if that fails)."""
+    save_dtype = torch.float16 if device.type == "cuda" else torch.float32  # halves the bytes written and read
+    error = None
+    for build_device in dict.fromkeys([device, torch.device("cpu")]):  # random init on the GPU; the CPU if that fails
+        try:
+            if prior == VQ_PRIOR:
+                return models.write_vq_diffusion(folder, scale, build_device, save_dtype)
+            return models.write_adm(folder, prior, scale, build_device, save_dtype)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("building the %s checkpoint on %s failed: %s", prior, build_device, err)
+            error = err
+        finally:
+            free(device)
+    raise error
+
+
+def run_group(
+    prior: str, solvers: list[str], workdir: Path, args, device: torch.device, add: Callable[[dict], None],
+    over_budget: Callable[[], bool],
+) -> None:
+    """Build one random checkpoint of conf/prior/<prior>.yaml's shapes, then run every solver on it at every
+    precision (and gradient checkpointing choice); rows with the same prior config share one load."""
+    folder = workdir / prior
+    t0 = time.perf_counter()
+    try:
+        info = _write_checkpoint(prior, folder, args.scale, device)
+    except Exception as err:  # noqa: BLE001
+        for s in solvers:
+            add({"solver": s, "prior": prior, "precision": "-", **failure(err, "build: ")})
+        return
+    build_s = time.perf_counter() - t0
+    for prec, ckpt in ((p, c) for p in args.precisions for c in args.checkpointing):
+        label = f"{prec}+ckpt" if ckpt else prec
+        if over_budget():
+            for s in solvers:
+                add({"solver": s, "prior": info["shape"], "precision": label, "status": "skipped", "error": "budget"})
+            continue
+        loaded_key, loaded, load_error, extra = None, None, None, {}
+        for s in solvers:
+            overrides = row_overrides(s, prior, folder, info["image_size"], prec, ckpt, args)
+            head = {"solver": s, "prior": info["shape"], "precision": label, "overrides": overrides}
+            try:
+                cfg = compose_run_config(overrides)
+            except Exception as err:  # noqa: BLE001
+                add({**head, **failure(err, "config: ")})
+                continue
+            key = prior_key(cfg)
+            if key != loaded_key:  # the first row, or a row whose overrides change the prior
+                loaded = None
+                free(device)
+                loaded_key, load_error, t0 = key, None, time.perf_counter()
+                try:
+                    loaded = build_prior(cfg, device)
+                except Exception as err:  # noqa: BLE001
+                    load_error = failure(err, "load: ")
+                extra = {"params": info["params"], "build_s": build_s, "load_s": time.perf_counter() - t0}
+                extra["weights_gpu_mib"] = (
+                    torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+                )
+            if load_error is not None:
+                add({**head, **load_error})
+                continue
+            row = run_solver(s, cfg, loaded, info["shape"], label, args, device)
+            add({**row, **extra, "checkpointing": ckpt, "overrides": overrides, "config": row_config(cfg)})
+        del loaded
+        free(device)
+    shutil.rmtree(folder, ignore_errors=True)
