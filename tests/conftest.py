@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,14 +20,6 @@ def compose_config(overrides: list[str] | None = None, return_hydra_config: bool
     """Compose conf/config.yaml with overrides, as `scripts/run.py` would."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
-
-
-def load_script(name: str):
-    """Import scripts/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_entry_point(args: list[str], tmp_path: Path, timeout: float = 600, check: bool = True):
