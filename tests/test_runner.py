@@ -11,6 +11,7 @@ from conftest import run_entry_point
 from PIL import Image
 
 from g2d2.experiment.results import MetricsFile, summarize
+from g2d2.experiment.tracking import NullLogger
 
 ALL_TASKS = ["sr4", "sr4_avgpool", "gauss_deblur", "motion_deblur", "inpaint_box", "inpaint_random", "cs", "denoise"]
 FAST = ["solver=pinv", "logger=none", "data.limit=2", "progress=false"]
@@ -249,8 +250,7 @@ def test_one_run_per_output_folder_and_the_tracker_is_always_finished(tmp_path):
             run(compose_config(args), tmp_path / "out")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
-    class Tracker:  # records the calls; fails the run at its first image
-        url_or_dir = None
+    class Tracker(NullLogger):  # records the calls; fails the run at its first image
         finished = False
 
         def start(self, *args, **kwargs):

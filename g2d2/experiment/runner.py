@@ -273,6 +273,7 @@ def run(
     with exclusive_folder(output_dir):
         try:
             job = _prepare(cfg, output_dir)
+            tracker = tracker if tracker is not None else instantiate(cfg.logger)  # checks its values, starts nothing
         except BaseException:
             if not (output_dir / "metrics.jsonl").exists():
                 (output_dir / ".lock").unlink(missing_ok=True)  # a failed start leaves no trace
@@ -327,13 +328,12 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
                 prompts, lpips)
 
 
-def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker: Any | None) -> dict[str, Any]:
+def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker: Any) -> dict[str, Any]:
     """Solve the batches not finished yet, record each image as its batch ends, then summarise."""
     cfg, cfg_dict, metrics_file, done, data = job.cfg, job.cfg_dict, job.metrics_file, job.done, job.data
     write_json_atomic(output_dir / "run_config.json", job.comparable)
     logger.info("output folder: %s", output_dir)
 
-    tracker = tracker if tracker is not None else instantiate(cfg.logger)
     choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}
     tracker.start(cfg_dict, output_dir, name=output_dir.name, tags=[f"{k}:{v}" for k, v in choices.items()])
     try:
@@ -349,7 +349,7 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
         batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
         batches = [batch for batch in batches if not done.issuperset(batch)]
         for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
-            _record(job, output_dir, tracker, batch, _solve_batch(job, batch))
+            _record(job, output_dir, tracker, batch, _solve_batch(job, batch, tracker))
 
         summary = summarize(metrics_file.read())
         summary.update(
@@ -384,7 +384,7 @@ class _Solved:
     operators: list[LinearOperator]
 
 
-def _solve_batch(job: _Job, batch: list[int]) -> _Solved:
+def _solve_batch(job: _Job, batch: list[int], tracker: Any) -> _Solved:
     """Pose and solve the problems of one batch of image indices, and score the reconstructions."""
     cfg, device = job.cfg, job.device
     names, images = zip(*(job.data[i] for i in batch), strict=True)
@@ -402,7 +402,9 @@ def _solve_batch(job: _Job, batch: list[int]) -> _Solved:
     x_hat = view = scores = error = None
     with measure_cost(device) as cost:
         try:
-            x_hat = job.solver.solve(job.prior, operator, y, generator=generators[0], progress=cfg.progress)
+            callback = tracker.step_callback(batch[0], job.prior)
+            x_hat = job.solver.solve(job.prior, operator, y, generator=generators[0], progress=cfg.progress,
+                                     callback=callback)
             check_finite(x_hat, "the reconstruction")
         except NonFiniteError as err:
             x_hat, error = None, str(err)

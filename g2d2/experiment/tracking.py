@@ -6,6 +6,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,22 @@ def measure_cost(device: torch.device):
         cost.peak_rss_mb = peak_rss_mb()
 
 
+def step_estimate(state: dict[str, torch.Tensor], prior: Any) -> torch.Tensor:
+    """The first image's current estimate (3, H, W) from a solver step's callback state: the pixel solvers'
+    "x0", or G2D2's most likely tokens under its fitted logits "alpha", decoded."""
+    if "x0" in state:
+        return state["x0"][0].detach().float()
+    return prior.decode_tokens(state["alpha"][:1].argmax(dim=1))[0]
+
+
 class NullLogger:
     """Logs nothing (logger=none); the output folder still holds every result."""
 
     url_or_dir: str | None = None
+
+    def step_callback(self, index: int, prior: Any) -> Callable[[int, int, dict[str, torch.Tensor]], None] | None:
+        """A `Solver.solve` callback that traces image `index`'s solve, or None (no tracing)."""
+        return None
 
     def start(self, config: dict[str, Any], run_dir: Path, name: str, tags: list[str] | None = None) -> None:
         pass
@@ -84,6 +97,8 @@ class WandbLogger(NullLogger):
         project, entity: W&B project and entity.
         group: runs of one experiment / sweep share a group.
         tags: extra tags (the runner adds task, solver and prior).
+        trace_every: every this many solver steps, log the current estimate of the run's first solved image
+            (and the step's scalar state, e.g. RED-Diff's loss) against the step; 0 = off.
     """
 
     def __init__(
@@ -93,9 +108,13 @@ class WandbLogger(NullLogger):
         entity: str | None = None,
         group: str | None = None,
         tags: list[str] | None = None,
+        trace_every: int = 0,
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode must be offline, online or disabled, got {mode!r}")
+        if isinstance(trace_every, bool) or not isinstance(trace_every, int) or trace_every < 0:
+            raise ValueError(f"logger.trace_every must be an integer >= 0 (0 = off), got {trace_every!r}")
+        self.trace_every, self.traced = trace_every, False
         self.mode, self.project, self.entity, self.group = mode, project, entity, group
         self.tags = list(tags or [])
         self.run = None
@@ -116,6 +135,24 @@ class WandbLogger(NullLogger):
         )
         self.url_or_dir = self.run.url if self.mode == "online" else str(Path(self.run.dir).parent)
         logger.info("W&B run (%s): %s", self.mode, self.url_or_dir)
+
+    def step_callback(self, index: int, prior: Any) -> Callable[[int, int, dict[str, torch.Tensor]], None] | None:
+        if not self.trace_every or self.traced or self.run is None:
+            return None
+        self.traced = True  # one traced image per run
+        import wandb
+
+        self.run.define_metric("trace/*", step_metric="trace/step")
+
+        def callback(step: int, t: int, state: dict[str, torch.Tensor]) -> None:
+            if step % self.trace_every:
+                return
+            data: dict[str, Any] = {"trace/step": step, "trace/t": t, "trace/image_index": index}
+            data.update({f"trace/{k}": v.float().mean().item() for k, v in state.items() if v.dim() == 0})
+            data["trace/estimate"] = wandb.Image(to_uint8(step_estimate(state, prior)))
+            self.run.log(data)
+
+        return callback
 
     def log_image(self, index: int, name: str, metrics: dict[str, Any], grid: torch.Tensor | None) -> None:
         import wandb

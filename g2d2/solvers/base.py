@@ -3,7 +3,7 @@
 A solver is built from its yaml (`conf/solver/<name>.yaml`, keys = constructor arguments) plus the
 instantiated `noise_schedule` object, and then solves one batch at a time:
 
-    x_hat = solver.solve(prior, operator, y, generator=g, progress=True)
+    x_hat = solver.solve(prior, operator, y, generator=g, progress=True, callback=None)
 
 It receives everything it needs as arguments (dependency injection): it never reads the global
 config, writes files or plots. All its randomness comes from `generator` (a CPU torch.Generator):
@@ -15,13 +15,26 @@ device; CPU and CUDA runs draw different numbers.
 Inside the step loop a solver reads nothing back from the device: schedule values are Python floats
 computed before the loop, and NaN/Inf checks go through `FiniteGuard`, which synchronises only every
 `every` steps.
+
+`callback(step, t, state)`, when given, is called at the end of every step of the solver's loop (as
+diffusers' `callback_on_step_end`) with the step index, the prior's timestep and a dict of the step's
+device tensors, batch first: DPS {"x_t", "x0"}, RED-Diff {"x0", "loss"} (x0 = the variational mean),
+G2D2 {"alpha", "tokens"} (the fitted logits (B, K, N) and the re-noised tokens (B, N)). The solver
+passes references it does not modify afterwards and reads nothing back; whatever the callback reads
+from the device is its own synchronisation. Used for progress displays, timing and logging of
+intermediate estimates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from g2d2.operators.base import LinearOperator
+
+#: `callback(step, t, state)` of `Solver.solve` (see the module docstring)
+StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 
 
 class NonFiniteError(RuntimeError):
@@ -41,6 +54,7 @@ class Solver:
         y: torch.Tensor,
         generator: torch.Generator,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Reconstruct x from y = A x + n.
 
@@ -50,6 +64,7 @@ class Solver:
             y: the measurement, shape of `operator.forward` output, batch B.
             generator: CPU generator for every random draw.
             progress: show a tqdm progress bar.
+            callback: called after every step with (step, t, state); see the module docstring.
         Returns:
             (B, C, H, W) reconstruction in [-1, 1].
         """

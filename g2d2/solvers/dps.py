@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from g2d2.noise.ddpm import DDPMChain, ddpm_chain
 from g2d2.operators.base import LinearOperator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import FiniteGuard, Solver, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, device_generator
 
 
 def respaced_log_variance(log_var: torch.Tensor, t: int, full: DDPMChain, chain: DDPMChain, i: int) -> torch.Tensor:
@@ -76,6 +76,7 @@ class DPS(Solver):
         y: torch.Tensor,
         generator: torch.Generator,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         prior = check_prior(self, prior)
         T = prior.num_train_timesteps
@@ -115,5 +116,7 @@ class DPS(Solver):
                 # 4. measurement-consistency step
                 x = x_prev - self.scale * grad
             guard.update(x, step)
+            if callback is not None:
+                callback(step, t, {"x_t": x, "x0": x0.detach()})
         guard.finish()
         return x.detach().clamp(-1.0, 1.0)

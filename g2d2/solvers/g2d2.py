@@ -44,7 +44,7 @@ from g2d2.noise.star import StarShaped
 from g2d2.noise.vq_schedule import gumbel
 from g2d2.operators.base import LinearOperator
 from g2d2.priors.base import DiscretePrior
-from g2d2.solvers.base import FiniteGuard, Solver, check_finite, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, check_finite, device_generator
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class G2D2(Solver):
         y: torch.Tensor,
         generator: torch.Generator,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         if not isinstance(prior, DiscretePrior):
             raise TypeError(
@@ -178,6 +179,8 @@ class G2D2(Solver):
             # 5. re-noise with alpha* as log p(z0 | z_t, y): to the next time, or to z0 after t = 0
             s = times[i + 1] if i + 1 < len(times) else -1
             tokens = self.noise_schedule.renoise(prior, alpha.clamp(min=-70.0), tokens, t, s, step_gen)
+            if callback is not None:
+                callback(i, t, {"alpha": alpha, "tokens": tokens})
         guard.finish()
 
         # 6. hard decode of the final clean tokens

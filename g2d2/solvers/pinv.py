@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from g2d2.operators.base import LinearOperator
-from g2d2.solvers.base import Solver
+from g2d2.solvers.base import Solver, StepCallback
 
 
 class PseudoInverse(Solver):
-    """Return the operator's pseudo-inverse of the measurement (no prior, no noise schedule)."""
+    """Return the operator's pseudo-inverse of the measurement (no prior, no noise schedule, no steps: a
+    callback is never called)."""
 
     prior_kind = None
 
@@ -25,5 +26,6 @@ class PseudoInverse(Solver):
         y: torch.Tensor,
         generator: torch.Generator,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         return operator.pinv(y).clamp(-1.0, 1.0)

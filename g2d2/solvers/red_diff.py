@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from g2d2.noise.ddpm import DDPMTimesteps
 from g2d2.operators.base import LinearOperator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import FiniteGuard, Solver, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, device_generator
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class REDDiff(Solver):
         y: torch.Tensor,
         generator: torch.Generator,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         prior = check_prior(self, prior)
         timesteps = self.noise_schedule.timesteps(prior.num_train_timesteps, self.num_steps).tolist()  # descending
@@ -118,6 +119,8 @@ class REDDiff(Solver):
             loss.backward()
             optimizer.step()
             guard.update(mu, step)
+            if callback is not None:
+                callback(step, t, {"x0": mu.detach().clone(), "loss": loss.detach()})
         guard.finish()
         # 5. the point estimate: the mean before the (skipped) update at the last timestep
         return mu.detach().clamp(-1.0, 1.0)
