@@ -20,8 +20,7 @@ Choices made here (documented deviations or readings of the reference):
   renormalised after every RAdam step (and initialised normalised), so where the loss is evaluated the
   two are equal in value, but not in gradient: d/d alpha_j of the public form is that of the exact one
   plus q_j (the exact form's -logsumexp(alpha) term, whose gradient is -q_j, is missing), i.e. the loss
-  gradient carries an extra +lambda_i softmax(alpha)_j. This changes the optimisation (on the tiny
-  prior, 10 steps x 8 iterations, 2 seeds: exact 20.64 / 20.05 dB PSNR, public 19.26 / 19.32 dB); the
+  gradient carries an extra +lambda_i softmax(alpha)_j. This changes the optimisation, and the
   public presets (lr0, lambda0) were tuned with "public", so the paper-reproduction configs select it.
 - Every draw of a solve (the inner loop's Gumbel noise and the re-noising) comes from one generator
   on the solve's device seeded once from the passed CPU generator (`device_generator`):
