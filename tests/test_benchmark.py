@@ -93,28 +93,28 @@ def _resolved(cfg) -> dict:
 
 
 def test_tiny_benchmark_rows_are_run_py_configs(tiny_run: tuple[dict, str, float]) -> None:
-    """Each row's solver, noise schedule and prior are run.py's composition of the row's overrides, with the
-    solver yaml's own schedule (RED-Diff: the leading grid) and its interpolated values (DPS: scale 0.3)."""
+    """Each row's solver, noise schedule and prior are run.py's composition of the row's overrides: its method's
+    schedule (RED-Diff: the leading grid) and the method's values (G2D2 on ImageNet: the public KL form)."""
     result, _, _ = tiny_run
     for r in result["rows"]:
         assert r["config"] == _resolved(compose_config(r["overrides"])), r["overrides"]
     schedules = {r["solver"]: r["config"]["noise_schedule"] for r in result["rows"]}
     assert schedules["red_diff"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "leading"}
     assert schedules["dps"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "linspace"}
-    assert schedules["g2d2"]["_target_"] == "g2d2.noise.star.StarShaped"
-    assert {r["config"]["solver"]["scale"] for r in result["rows"] if r["solver"] == "dps"} == {0.3}
     g2d2 = next(r for r in result["rows"] if r["solver"] == "g2d2")
+    method = _resolved(compose_config(["method=g2d2_imagenet"]))
+    assert g2d2["config"]["solver"] == method["solver"] and g2d2["config"]["noise_schedule"] == method["noise_schedule"]
     assert g2d2["config"]["prior"]["prompt"] == "a photo of a tench" and g2d2["config"]["prior"]["guidance_scale"] == 5
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py solver=red_diff
-    prior=tiny_ddpm` composed by Hydra, and the solver the row times is built from it (ddpm_leading grid)."""
+    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py method=red_diff_tiny`
+    composed by Hydra, and the solver the row times is built from it (ddpm_leading grid)."""
     args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--measure-steps-pixel", "1", "--bare-reps", "1"])
-    overrides = rows.row_overrides("red_diff", "tiny_ddpm", None, 64, "fp32", False, args)
+    overrides = rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args)
     cfg = rows.compose_run_config(overrides)
-    run_py = compose_config(["solver=red_diff", "prior=tiny_ddpm", "task=sr4"])  # as a user types it
+    run_py = compose_config(["method=red_diff_tiny"])  # as a user types it
     assert _resolved(cfg) == _resolved(run_py)
     assert cfg.noise_schedule.spacing == "leading"
     timed = []
@@ -131,7 +131,7 @@ def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: py
 def test_trailing_overrides_reach_every_row() -> None:
     """`python scripts/benchmark.py ... noise_schedule=ddpm` changes the rows as it changes run.py's config."""
     args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "noise_schedule=ddpm", "task.sigma=0.1"])
-    cfg = rows.compose_run_config(rows.row_overrides("red_diff", "adm_ffhq", Path("/x y/ckpt"), 32, "fp16", True, args))
+    cfg = rows.compose_run_config(rows.row_overrides("red_diff_ffhq", Path("/x y/ckpt"), 32, "fp16", True, args))
     assert cfg.noise_schedule.spacing == "linspace" and cfg.task.sigma == 0.1
     assert (cfg.prior.path, cfg.precision, cfg.gradient_checkpointing) == ("/x y/ckpt", "fp16", True)
 

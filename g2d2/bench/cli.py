@@ -4,18 +4,19 @@
         --out benchmark.json --markdown benchmark.md
     python scripts/benchmark.py --scale tiny --device cpu --measure-steps 1 --measure-steps-pixel 2 \
         --out /tmp/benchmark.json --markdown /tmp/benchmark.md   # CI smoke test
-    python scripts/benchmark.py --solvers g2d2 noise_schedule=markov solver.kl_form=public   # run.py overrides
+    python scripts/benchmark.py --solvers g2d2 noise_schedule=star solver.kl_form=exact   # run.py overrides
 
 What is measured (batch 1, one image of the prior's size: 256 px at full scale):
 - Priors are the real architectures with random weights (g2d2.bench.models), saved in our checkpoint
   layouts; time and memory do not depend on the weights.
-- Every row is a run.py configuration: conf/config.yaml composed by Hydra with `solver=<name>
-  task=<task> prior=<shape's prior> prior.path=<random checkpoint> precision=... gradient_checkpointing=...
-  device=... data.image_size=<prior's size>` (G2D2 also `prior.prompt=<--prompt>
-  prior.guidance_scale=<--guidance>`: the ImageNet setting, two transformer passes per step) and the
-  trailing overrides of this command; solver, noise schedule and prior are built by the runner's
-  builders from that config. The JSON records each row's overrides and resolved configs. Paper step
-  counts: G2D2 100 steps x 30 inner iterations, star-shaped noise; DPS and RED-Diff 1000 steps.
+- Every row is a run.py configuration: conf/config.yaml composed by Hydra with `method=<solver's method
+  on that prior shape> task=<task> prior.path=<random checkpoint> precision=... gradient_checkpointing=...
+  device=... data.image_size=<prior's size>` and the trailing overrides of this command; solver, noise
+  schedule and prior are built by the runner's builders from that config (g2d2.bench.rows.METHODS: G2D2
+  runs g2d2_imagenet with one prompt, `--prompt` at guidance `--guidance`: two transformer passes per
+  step; DPS and RED-Diff the *_ffhq / *_imagenet methods of each ADM shape). The JSON records each row's
+  overrides and resolved configs. Paper step counts: G2D2 100 steps x 30 inner iterations, DPS and
+  RED-Diff 1000 steps.
 - A solve is not run to the end: a hook on the prior network marks the start of every outer step,
   `--warmup-steps` steps are discarded, the next `--measure-steps` (G2D2) or `--measure-steps-pixel`
   (DPS, RED-Diff: short steps, so more of them against timer noise) are timed, then the solve is
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", default="benchmark.md")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Hydra overrides of run.py applied to every row after the benchmark's own, e.g. "
-                        "noise_schedule=markov or task.sigma=0.1")
+                        "noise_schedule=star or task.sigma=0.1")
     args = p.parse_args(argv)
     if not (CONF_DIR / "task" / f"{args.task}.yaml").is_file():
         p.error(f"no task config conf/task/{args.task}.yaml; choose from "

@@ -1,9 +1,10 @@
 """One benchmark row = one `python scripts/run.py <overrides>` configuration, timed for a few steps.
 
-Each row composes conf/config.yaml with the overrides run.py would get (solver, task, prior, the prior's
-path pointing at the random checkpoint, precision, gradient checkpointing, device, image size, plus the
-user's own) and builds solver, prior and operator with the runner's builders: the benchmark times
-exactly what run.py runs, interpolations, per-task settings and the solver's own noise schedule included.
+Each row composes conf/config.yaml with the overrides run.py would get (the method of the solver on that
+prior shape, the task, the prior's path pointing at the random checkpoint, precision, gradient
+checkpointing, device, image size, plus the user's own) and builds solver, prior and operator with the
+runner's builders: the benchmark times exactly what run.py runs, the method's noise schedule, per-task
+settings and interpolations included.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ logger = logging.getLogger(__name__)
 SOLVERS = {"g2d2": "vq", "red_diff": "pixel", "dps": "pixel", "pinv": None}
 #: conf/prior option whose shapes the random VQ checkpoint has (the pixel ones: models.ADM_SHAPES' names)
 VQ_PRIOR = "vq_diffusion_ithq"
+#: (solver, conf/prior option of the random checkpoint's shapes) -> the conf/method option a row runs.
+#: G2D2 runs the ImageNet method (guidance 5: two transformer passes per step), with one prompt for every
+#: image instead of the data's class prompts (--prompt, --guidance)
+METHODS = {
+    ("g2d2", VQ_PRIOR): "g2d2_imagenet",
+    ("red_diff", "adm_ffhq"): "red_diff_ffhq",
+    ("red_diff", "adm_imagenet"): "red_diff_imagenet",
+    ("dps", "adm_ffhq"): "dps_ffhq",
+    ("dps", "adm_imagenet"): "dps_imagenet",
+    ("pinv", None): "pinv",
+}
 
 
 def quoted(value: str) -> str:
@@ -46,20 +58,22 @@ def quoted(value: str) -> str:
 
 
 def row_overrides(
-    solver: str, prior: str | None, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool,
-    args,
+    method: str, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool, args,
+    prompt: bool = False,
 ) -> list[str]:
-    """The run.py overrides of one row; `checkpoint` replaces the prior's path (None keeps the yaml's)."""
+    """The run.py overrides of one row of conf/method/<method>.yaml; `checkpoint` replaces the prior's path
+    (None keeps the yaml's); `prompt`: the prior is text-conditioned, prompted with args.prompt / args.guidance."""
     overrides = [
-        f"solver={solver}", f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
+        f"method={method}", f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
         f"gradient_checkpointing={str(checkpointing).lower()}", f"device={args.device}", f"seed={args.seed}",
     ]
-    if prior is not None:
-        overrides.append(f"prior={prior}")
-        if checkpoint is not None:
-            overrides.append(f"prior.path={quoted(str(checkpoint))}")
-        if SOLVERS[solver] == "vq":  # the ImageNet setting: one prompt, classifier-free guidance
-            overrides += [f"prior.prompt={quoted(args.prompt)}", f"prior.guidance_scale={args.guidance}"]
+    if checkpoint is not None:
+        overrides.append(f"prior.path={quoted(str(checkpoint))}")
+    if prompt:
+        overrides += [
+            "prior.prompt_from_data=false", f"prior.prompt={quoted(args.prompt)}",
+            f"prior.guidance_scale={args.guidance}",
+        ]
     return overrides + list(args.overrides)
 
 
@@ -205,7 +219,7 @@ def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, ar
 
 def pinv_row(args, device: torch.device) -> dict:
     """The pseudo-inverse row (no prior) at args.pinv_size."""
-    overrides = row_overrides("pinv", None, None, args.pinv_size, "fp32", False, args)
+    overrides = row_overrides(METHODS["pinv", None], None, args.pinv_size, "fp32", False, args)
     try:
         cfg = compose_run_config(overrides)
     except Exception as err:  # noqa: BLE001
@@ -255,7 +269,8 @@ def run_group(
             continue
         loaded_key, loaded, load_error, extra = None, None, None, {}
         for s in solvers:
-            overrides = row_overrides(s, prior, folder, info["image_size"], prec, ckpt, args)
+            prompt = SOLVERS[s] == "vq"
+            overrides = row_overrides(METHODS[s, prior], folder, info["image_size"], prec, ckpt, args, prompt)
             head = {"solver": s, "prior": info["shape"], "precision": label, "overrides": overrides}
             try:
                 cfg = compose_run_config(overrides)
