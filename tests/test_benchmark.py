@@ -102,19 +102,19 @@ def test_tiny_benchmark_rows_are_run_py_configs(tiny_run: tuple[dict, str, float
     assert schedules["red_diff"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "leading"}
     assert schedules["dps"] == {"_target_": "g2d2.noise.ddpm.DDPMTimesteps", "spacing": "linspace"}
     g2d2 = next(r for r in result["rows"] if r["solver"] == "g2d2")
-    method = _resolved(compose_config(["method=g2d2_imagenet"]))
+    method = _resolved(compose_config([rows.method_override("g2d2_imagenet")]))
     assert g2d2["config"]["solver"] == method["solver"] and g2d2["config"]["noise_schedule"] == method["noise_schedule"]
     assert g2d2["config"]["prior"]["prompt"] == "a photo of a tench" and g2d2["config"]["prior"]["guidance_scale"] == 5
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py method=red_diff_tiny`
+    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py +method=red_diff_tiny`
     composed by Hydra, and the solver the row times is built from it (ddpm_leading grid)."""
     args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--measure-steps-pixel", "1", "--bare-reps", "1"])
     overrides = rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args)
     cfg = rows.compose_run_config(overrides)
-    run_py = compose_config(["method=red_diff_tiny"])  # as a user types it
+    run_py = compose_config([rows.method_override("red_diff_tiny")])  # as a user types it
     assert _resolved(cfg) == _resolved(run_py)
     assert cfg.noise_schedule.spacing == "leading"
     timed = []

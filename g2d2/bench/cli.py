@@ -9,7 +9,7 @@
 What is measured (batch 1, one image of the prior's size: 256 px at full scale):
 - Priors are the real architectures with random weights (g2d2.bench.models), saved in our checkpoint
   layouts; time and memory do not depend on the weights.
-- Every row is a run.py configuration: conf/config.yaml composed by Hydra with `method=<solver's method
+- Every row is a run.py configuration: conf/config.yaml composed by Hydra with `[+]method=<solver's method
   on that prior shape> task=<task> prior.path=<random checkpoint> precision=... gradient_checkpointing=...
   device=... data.image_size=<prior's size>` and the trailing overrides of this command; solver, noise
   schedule and prior are built by the runner's builders from that config (g2d2.bench.rows.METHODS: G2D2

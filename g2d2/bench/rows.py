@@ -57,6 +57,14 @@ def quoted(value: str) -> str:
     raise ValueError(f"{value!r} holds both quote characters; Hydra overrides cannot take it here")
 
 
+def method_override(name: str) -> str:
+    """`method=<name>` when conf/config.yaml's defaults list chooses a method, else `+method=<name>` (Hydra refuses
+    to override a group the defaults list lacks, and to add one it has)."""
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults") or []
+    listed = any(isinstance(entry, DictConfig) and "method" in entry for entry in defaults)
+    return f"{'' if listed else '+'}method={name}"
+
+
 def row_overrides(
     method: str, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool, args,
     prompt: bool = False,
@@ -64,7 +72,7 @@ def row_overrides(
     """The run.py overrides of one row of conf/method/<method>.yaml; `checkpoint` replaces the prior's path
     (None keeps the yaml's); `prompt`: the prior is text-conditioned, prompted with args.prompt / args.guidance."""
     overrides = [
-        f"method={method}", f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
+        method_override(method), f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
         f"gradient_checkpointing={str(checkpointing).lower()}", f"device={args.device}", f"seed={args.seed}",
     ]
     if checkpoint is not None:
