@@ -28,8 +28,9 @@ ENV = {
     "G2D2_ADM_FFHQ": "/env/ffhq_10m.pt", "G2D2_ADM_IMAGENET": "/env/adm_imagenet.pt",
 }
 #: top-level keys that conf/ no longer has, left out of the comparison (they were read by other keys only)
-REMOVED_KEYS: tuple[str, ...] = ()
-#: recorded overrides -> the overrides that compose the same job config in today's conf/
+REMOVED_KEYS = ("dps_scale_by_task",)  # DPS's ImageNet deblur scales: conf/setting/dps_adm_imagenet/
+#: recorded overrides -> the overrides that compose the same job config in today's conf/ (none yet: every
+#: recorded command is spelled as it was)
 NEW_SPELLING: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
@@ -92,7 +93,25 @@ def load_fixture() -> dict:
     return json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {"cases": {}, "configs": {}}
 
 
+def dotted_keys(config: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in config.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def without(config: dict, keys: set[str], prefix: str = "") -> dict:
+    """config less the dotted keys in `keys`."""
+    return {k: without(v, keys, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in config.items() if prefix + k not in keys}
+
+
 FIXTURE_DATA = load_fixture()
+#: every dotted key of a recorded config: a key no recorded config has is an option added to a component
+#: yaml since (e.g. a new data option), not a change of the layout, and is left out of the comparison
+RECORDED_KEYS = set().union(*map(dotted_keys, FIXTURE_DATA["configs"].values()))
 
 
 @pytest.fixture(autouse=True)
@@ -105,8 +124,9 @@ def fixed_env(monkeypatch):
 def test_job_config_is_the_recorded_one(case):
     recorded = FIXTURE_DATA["cases"][case]
     overrides = new_spelling(recorded["overrides"])
-    expected = {k: v for k, v in FIXTURE_DATA["configs"][recorded["config"]].items() if k not in REMOVED_KEYS}
-    assert job_config(overrides) == expected, (case, overrides)
+    expected = without(FIXTURE_DATA["configs"][recorded["config"]], set(REMOVED_KEYS))
+    config = job_config(overrides)
+    assert without(config, dotted_keys(config) - RECORDED_KEYS) == expected, (case, overrides)
 
 
 def test_every_experiment_cell_is_recorded():

@@ -84,12 +84,12 @@ def check_operator(operator_yaml: str, image_size: int) -> None:
     assert operator.forward(torch.zeros(1, 3, image_size, image_size)).shape[0] == 1
 
 
-#: DPS on the ImageNet ADM: the deblur scales derived in conf/method/dps_imagenet.yaml
+#: DPS on the ImageNet ADM: the deblur scales derived in conf/setting/dps_adm_imagenet.yaml
 DPS_IMAGENET_SCALES = {"gauss_deblur": 0.12, "motion_deblur": 0.18}
 
 
 def expected_setting(solver: str, task: str, prior: str | None = None) -> dict[str, float]:
-    """The papers' per-(solver, task) settings conf/setting/ (and the DPS ImageNet method) must apply."""
+    """The papers' per-(solver, task) settings of conf/setting/ (and DPS's ImageNet deblur scales) must apply."""
     if solver == "dps":
         scale = 0.5 if task.startswith("inpaint") else 0.3
         return {"scale": DPS_IMAGENET_SCALES.get(task, scale) if prior == "adm_imagenet" else scale}
@@ -100,7 +100,7 @@ def expected_setting(solver: str, task: str, prior: str | None = None) -> dict[s
     return {}
 
 
-#: CPU budgets of the embedded tiny priors (conf/prior_setting/), applied after the per-task settings
+#: CPU budgets of the embedded tiny priors (conf/setting/<solver>_<prior>.yaml), applied after the per-task settings
 TINY_BUDGETS = {
     ("g2d2", "tiny_vq"): {"num_steps": 10, "inner_iters": 20},
     ("dps", "tiny_ddpm"): {"num_steps": 100, "scale": 10.0},
@@ -121,7 +121,8 @@ def test_method_group_has_exactly_the_known_methods():
 
 
 def test_root_config_picks_per_task_settings():
-    """conf/config.yaml must hold `- optional setting: ${solver}_${task}` after _self_ (see conf/setting/)."""
+    """conf/config.yaml must hold `- optional setting: ${solver}_${task}` after _self_, then the per-(solver, prior)
+    line (see conf/setting/)."""
     cfg = compose_config(["solver=dps", "task=inpaint_box", "prior=adm_ffhq"], return_hydra_config=True)
     assert cfg.hydra.runtime.choices.get("setting") == "dps_inpaint_box", (
         "conf/config.yaml lacks the defaults entry `- optional setting: ${solver}_${task}` (after _self_)"
@@ -130,9 +131,9 @@ def test_root_config_picks_per_task_settings():
     assert compose_config(["solver=dps", "task=sr4", "prior=adm_ffhq"]).solver.scale == 0.3
     # a command-line value still wins over the setting
     assert compose_config(["solver=dps", "task=inpaint_box", "prior=adm_ffhq", "solver.scale=1.5"]).solver.scale == 1.5
-    # the tiny prior's CPU budget (conf/prior_setting/dps_tiny_ddpm.yaml) comes after the per-task setting
+    # the tiny prior's CPU budget (conf/setting/dps_tiny_ddpm.yaml) comes after the per-task setting
     tiny = compose_config(["solver=dps", "task=inpaint_box", "prior=tiny_ddpm"], return_hydra_config=True)
-    assert tiny.hydra.runtime.choices.get("prior_setting") == "dps_tiny_ddpm"
+    assert tiny.hydra.runtime.choices.get("setting@_global_") == "dps_tiny_ddpm"
     assert (tiny.solver.scale, tiny.solver.num_steps, tiny.batch_size) == (10.0, 100, 4)
 
 
