@@ -37,7 +37,8 @@ from g2d2.solvers.base import NonFiniteError, check_finite
 logger = logging.getLogger(__name__)
 
 GROUPS = (
-    "method", "prior", "task", "noise_schedule", "solver", "setting", "prior_setting", "data", "logger", "experiment",
+    "method", "prior", "task", "noise_schedule", "solver", "setting", "setting@_global_", "data", "logger",
+    "experiment",
 )
 
 
