@@ -83,16 +83,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class ImageSource:
-    """A fixed, ordered list of images; subclasses fill `self.names` and implement `load`."""
+    """A fixed, ordered list of images; subclasses fill `self.names` and implement `load`.
 
-    def __init__(self, image_size: int) -> None:
+    `shard` / `num_shards` do not change the list: `indices` is the shard's block of it, so an image keeps
+    its index (its position in the whole list) in whichever shard solves it.
+    """
+
+    def __init__(self, image_size: int, shard: int = 0, num_shards: int = 1) -> None:
         if image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
+        if not 0 <= shard < num_shards:
+            raise DataError(f"data.shard must be in 0 .. data.num_shards-1, got shard={shard}, num_shards={num_shards}")
         self.image_size = int(image_size)
+        self.shard, self.num_shards = int(shard), int(num_shards)
         self.names: list[str] = []
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def indices(self) -> range:
+        """The indices of this shard's images (all of them with num_shards=1)."""
+        return shard_range(len(self.names), self.shard, self.num_shards)
 
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -102,11 +114,13 @@ class ImageSource:
         return name, center_crop_resize(to_rgb(self.load(index), name), self.image_size)
 
     def check(self) -> None:
-        """Open every image once, before anything is solved: a corrupt file stops the run at its start
-        (DataError naming it), and images smaller than `image_size` get one warning (they are upsampled)."""
+        """Open every image of the shard once, before anything is solved: a corrupt file stops the run at its
+        start (DataError naming it), and images smaller than `image_size` get one warning (they are upsampled)."""
         start = time.perf_counter()
         small = []
-        for index, name in enumerate(self.names):
+        indices = self.indices
+        for index in indices:
+            name = self.names[index]
             width, height = self.load(index).size
             if min(width, height) < self.image_size:
                 small.append(f"{name} ({width}x{height})")
@@ -114,10 +128,17 @@ class ImageSource:
             logger.warning(
                 "%d of %d images are smaller than image_size=%d and are upsampled, which is not the papers' "
                 "protocol (e.g. use FFHQ images1024x1024, not thumbnails128x128): %s%s",
-                len(small), len(self.names), self.image_size, ", ".join(small[:3]), ", ..." if len(small) > 3 else "",
+                len(small), len(indices), self.image_size, ", ".join(small[:3]), ", ..." if len(small) > 3 else "",
             )
         if time.perf_counter() - start > 5:
-            logger.info("opened all %d images in %.0f s", len(self.names), time.perf_counter() - start)
+            logger.info("opened all %d images in %.0f s", len(indices), time.perf_counter() - start)
+
+
+def shard_range(count: int, shard: int, num_shards: int) -> range:
+    """The indices of shard `shard` of `num_shards`: contiguous blocks of `range(count)` whose sizes differ by
+    at most one. The indices are positions in the whole (unsharded) list, so image i keeps its index, and
+    with it its generator, record, PNG and operator file names, in whichever shard it falls."""
+    return range(count * shard // num_shards, count * (shard + 1) // num_shards)
 
 
 def _select(names: list[str], limit: int | None, offset: int) -> list[str]:
@@ -134,6 +155,7 @@ class EmbeddedImages(ImageSource):
         image_size: output side length.
         names: skimage.data image names (default: EVAL_IMAGE_NAMES).
         limit: use at most this many images; offset: skip this many first.
+        shard, num_shards: solve block `shard` of `num_shards` of them (see ImageSource).
     """
 
     def __init__(
@@ -142,8 +164,10 @@ class EmbeddedImages(ImageSource):
         names: list[str] | tuple[str, ...] | None = None,
         limit: int | None = None,
         offset: int = 0,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
-        super().__init__(image_size)
+        super().__init__(image_size, shard, num_shards)
         import skimage.data
 
         names = list(names) if names is not None else list(EVAL_IMAGE_NAMES)
@@ -198,6 +222,7 @@ class ImageFolder(ImageSource):
             relative path.
         recursive: also list images in sub-folders (ignored for names given by a file list).
         limit: use at most this many images; offset: skip this many first (after sorting / listing).
+        shard, num_shards: solve block `shard` of `num_shards` of them (see ImageSource).
     """
 
     def __init__(
@@ -208,8 +233,10 @@ class ImageFolder(ImageSource):
         recursive: bool = False,
         limit: int | None = None,
         offset: int = 0,
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
-        super().__init__(image_size)
+        super().__init__(image_size, shard, num_shards)
         folder = Path(str(path)).expanduser()
         if not folder.is_dir():
             raise DataError(f"image folder {folder} does not exist or is not a folder; set data.path")
@@ -319,7 +346,7 @@ class ImageNetSubset(ImageFolder):
     """ImageNet validation images with their class labels and text prompts.
 
     Args:
-        path, image_size, file_list, recursive, limit, offset: as ImageFolder.
+        path, image_size, file_list, recursive, limit, offset, shard, num_shards: as ImageFolder.
         prompt_template: turns a class name into a prompt (G2D2: "a photo of {}").
         class_names: "full" (the public G2D2 code's labels, "tench, Tinca tinca"), "torchvision" or None
             (torchvision's short names, "tench"), or a text file with the 1000 names (one per line, index
@@ -334,10 +361,13 @@ class ImageNetSubset(ImageFolder):
         recursive: bool = True,
         limit: int | None = None,
         offset: int = 0,
+        shard: int = 0,
+        num_shards: int = 1,
         prompt_template: str = "a photo of {}",
         class_names: str | None = None,
     ) -> None:
-        super().__init__(path, image_size, file_list=file_list, recursive=recursive, limit=limit, offset=offset)
+        super().__init__(path, image_size, file_list=file_list, recursive=recursive, limit=limit, offset=offset,
+                         shard=shard, num_shards=num_shards)
         if "{}" not in prompt_template:
             raise DataError(f"prompt_template must contain '{{}}' for the class name, got {prompt_template!r}")
         self.prompt_template = prompt_template

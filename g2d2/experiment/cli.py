@@ -41,6 +41,15 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
+def handle_sigterm() -> None:
+    """Install exit_on_sigterm unless the process already handles SIGTERM: a job of hydra-submitit-launcher
+    does (submitit ignores the SIGTERM that precedes its preemption signal, USR2, whose handler requeues the
+    job and then exits: that exit unwinds the run the same way), and replacing it would end the job before
+    it can requeue itself."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
+
+
 def save_hydra_config(cfg: DictConfig, output_dir: Path) -> None:
     """`.hydra/{config,hydra,overrides}.yaml` as Hydra writes them, but only once the run passed its checks:
     conf/config.yaml sets `hydra.output_subdir: null`, so a refused run (locked folder, changed config)
@@ -67,7 +76,7 @@ def remove_if_unused(output_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     from g2d2.experiment.runner import run
 
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    handle_sigterm()
 
     runtime = HydraConfig.get().runtime
     output_dir = Path(runtime.output_dir)

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from g2d2.data import to_uint8
 from g2d2.errors import UserError
 from g2d2.experiment import metrics as quality
+from g2d2.experiment.devices import claim_device
 from g2d2.experiment.provenance import environment_info
 from g2d2.experiment.results import RESUME_FREE_KEYS, MetricsFile, config_diff, summarize, write_json_atomic
 from g2d2.experiment.tracking import measure_cost
@@ -44,16 +45,6 @@ GROUPS = (
 
 class ConfigError(UserError, ValueError):
     """An inconsistent configuration; the message says which keys to change."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise torch.device(name), checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return device
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -98,6 +89,12 @@ def check_config(cfg: DictConfig) -> None:
     limit = OmegaConf.select(cfg, "data.limit", default=None)
     if limit is not None and not (_is_integer(limit) and limit >= 1):
         raise ConfigError(f"data.limit must be an integer >= 1 or null (all images), got {limit!r}")
+    shard = OmegaConf.select(cfg, "data.shard", default=0)
+    num_shards = OmegaConf.select(cfg, "data.num_shards", default=1)
+    if not (_is_integer(shard) and _is_integer(num_shards) and num_shards >= 1 and 0 <= shard < num_shards):
+        raise ConfigError(f"data.shard must be an integer in 0 .. data.num_shards-1 and data.num_shards an integer "
+                          f">= 1, got data.shard={shard!r}, data.num_shards={num_shards!r}; e.g. data.shard=0 "
+                          "data.num_shards=4")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {tuple(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.lpips_net not in quality.LPIPS_NETS:
@@ -271,9 +268,10 @@ def run(
     except OSError as err:
         raise ConfigError(f"cannot create the output folder {output_dir} ({err.strerror}); choose another "
                           "hydra.run.dir") from err
-    with exclusive_folder(output_dir):
+    with exclusive_folder(output_dir), ExitStack() as held:
         try:
-            job = _prepare(cfg, output_dir)
+            device = held.enter_context(claim_device(cfg.device))  # device=auto: a GPU no other run holds
+            job = _prepare(cfg, output_dir, device)
             tracker = tracker if tracker is not None else instantiate(cfg.logger)  # checks its values, starts nothing
         except BaseException:
             if not (output_dir / "metrics.jsonl").exists():
@@ -294,17 +292,17 @@ class _Job:
     comparable: dict[str, Any]  # the config stored in run_config.json
     metrics_file: MetricsFile
     done: set[int]  # image indices already in metrics.jsonl
-    data: Any
+    data: Any  # every image of the cell (all shards): indices are positions in it
+    shard: dict[str, int]  # this run's shard: shard, num_shards, and its images data[start:stop] of cell_images
     solver: Any
     prior: torch.nn.Module | None
     prompts: list[str] | None
     lpips: torch.nn.Module
 
 
-def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
+def _prepare(cfg: DictConfig, output_dir: Path, device: torch.device) -> _Job:
     """Build solver, prior, data and one operator and run every check, writing nothing (but the repair of an
     interrupted metrics.jsonl line); returns what _solve needs."""
-    device = resolve_device(cfg.device)
     solver = build_solver(cfg)
     prior = build_prior(cfg, device) if solver.prior_kind is not None else None
     if cfg.data.get("image_size") is None:  # follow the prior: record the size it resolved to
@@ -318,21 +316,32 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> _Job:
     comparable = check_resume(output_dir, cfg_dict, cfg.resume, records)
 
     data = instantiate(cfg.data, image_size=data_image_size(cfg, prior))
+    shard = shard_of(data)
     check_resumed_names(output_dir, records, list(data.names))
     check_prior(solver, prior, data.image_size)
     prompts = data_prompts(prior, data)
     lpips = quality.LPIPS(net=cfg.lpips_net).to(device)
     check_lpips_size(lpips, cfg.lpips_net, data.image_size, device)
     instantiate(cfg.task.operator, generator=image_generator(cfg.seed, 0))  # the task's values fit the images
-    data.check()  # every image opens (and its size is known) before the first solve
-    return _Job(cfg, device, cfg_dict, comparable, metrics_file, {r["index"] for r in records}, data, solver, prior,
-                prompts, lpips)
+    data.check()  # every image of the shard opens (and its size is known) before the first solve
+    return _Job(cfg, device, cfg_dict, comparable, metrics_file, {r["index"] for r in records}, data, shard, solver,
+                prior, prompts, lpips)
+
+
+def shard_of(data: Any) -> dict[str, int]:
+    """The run's shard of the cell's images (all of `data`): {shard, num_shards, start, stop, cell_images}."""
+    if data.num_shards > len(data):
+        raise ConfigError(f"data.num_shards={data.num_shards} but the data selects {len(data)} images, so some "
+                          f"shards would be empty; use data.num_shards <= {len(data)}")
+    return {"shard": data.shard, "num_shards": data.num_shards, "start": data.indices.start,
+            "stop": data.indices.stop, "cell_images": len(data)}
 
 
 def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker: Any) -> dict[str, Any]:
     """Solve the batches not finished yet, record each image as its batch ends, then summarise."""
     cfg, cfg_dict, metrics_file, done, data = job.cfg, job.cfg_dict, job.metrics_file, job.done, job.data
     write_json_atomic(output_dir / "run_config.json", job.comparable)
+    write_json_atomic(output_dir / "shard.json", job.shard)  # what this run solves, for `make_table --status`
     logger.info("output folder: %s", output_dir)
 
     choices = {k: v for k, v in (choices or {}).items() if k in GROUPS}
@@ -341,12 +350,15 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
         (output_dir / "images").mkdir(exist_ok=True)
         (output_dir / "operators").mkdir(exist_ok=True)
 
+        indices = list(range(job.shard["start"], job.shard["stop"]))  # global indices: image i is i in any shard
+        if job.shard["num_shards"] > 1:
+            logger.info("shard %d of %d: images %d .. %d of %d", job.shard["shard"], job.shard["num_shards"],
+                        indices[0], indices[-1], len(data))
         if done:
-            logger.info("resuming: %d of %d images already finished in %s", len(done), len(data), output_dir)
-        # batches are fixed by (dataset, batch_size), not by what is left: a resumed run solves a partly
+            logger.info("resuming: %d of %d images already finished in %s", len(done), len(indices), output_dir)
+        # batches are fixed by (shard, batch_size), not by what is left: a resumed run solves a partly
         # finished batch again with its own generator and writes only its missing images, so its numbers
         # equal those of an uninterrupted run
-        indices = list(range(len(data)))
         batches = [indices[k : k + cfg.batch_size] for k in range(0, len(indices), cfg.batch_size)]
         batches = [batch for batch in batches if not done.issuperset(batch)]
         for batch in tqdm(batches, desc="images", unit="batch", disable=not cfg.progress):
@@ -354,7 +366,8 @@ def _solve(job: _Job, output_dir: Path, choices: dict[str, str] | None, tracker:
 
         summary = summarize(metrics_file.read())
         summary.update(
-            num_expected=len(data),  # images this run was asked for: num_images + num_failed < it = unfinished
+            num_expected=len(indices),  # images this run was asked for: num_images + num_failed < it = unfinished
+            shard=job.shard,
             config=cfg_dict,
             choices=choices,
             output_dir=str(output_dir),
