@@ -3,13 +3,16 @@
 Reads every summary.json below SWEEP_DIR (recursively; run folders with only a metrics.jsonl are
 unfinished runs: warned about and shown as "unfinished" cells), makes one table per experiment_name
 (rows = solver (prior), columns = task, cells = mean +/- std over the images, plus the image
-counts), puts the published numbers of g2d2/assets/published.yaml below ours, and writes Markdown
-and LaTeX to stdout (and to --out / its .tex sibling).
+counts; the shards of a cell are merged over their per-image records), puts the published numbers of
+g2d2/assets/published.yaml below ours, and writes Markdown and LaTeX to stdout (and to --out / its
+.tex sibling). --status instead prints the state of every cell x shard (done / running / unfinished /
+missing, finished and failed images) and what to resubmit, writing nothing.
 
 Examples:
     python scripts/make_table.py outputs/tables/table_dps_ffhq/2025-01-01_12-00-00
     python scripts/make_table.py outputs/tables/tiny_table --metrics psnr,lpips --out tiny.md
     python scripts/make_table.py outputs/tables/table_g2d2_ffhq --wandb offline
+    python scripts/make_table.py outputs/tables/table_g2d2_ffhq/paper --status
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also log each table to W&B (one run per experiment, job_type=table)")
     parser.add_argument("--wandb-project", default="g2d2", help="W&B project (default g2d2)")
     parser.add_argument("--wandb-entity", default=None, help="W&B entity")
+    parser.add_argument("--status", action="store_true",
+                        help="print the state of every cell x shard and what to resubmit; no table, nothing written")
     args = parser.parse_args(argv)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in args.metrics if m not in METRICS]
@@ -62,7 +67,8 @@ def log_to_wandb(tables, markdown: dict[str, str], mode: str, project: str, enti
         run = wandb.init(project=project, entity=entity, group=table.experiment, job_type="table",
                          name=f"table-{table.experiment}", mode=mode, dir=str(root), reinit="finish_previous",
                          config={"experiment_name": table.experiment, "dataset": table.dataset,
-                                 "lpips_net": table.lpips_net, "sweep_dir": str(root)})
+                                 "lpips_net": table.lpips_net, "sweep_dir": str(root),
+                                 "merged_shards": table.merged})  # "method / task" -> the shard folders merged
         run.log({"results": wandb.Table(columns=LONG_COLUMNS, data=long_rows(table)),
                  "table_markdown": wandb.Html(f"<pre>{markdown[table.experiment]}</pre>")})
         location = run.url if mode == "online" else run.dir
@@ -73,6 +79,15 @@ def log_to_wandb(tables, markdown: dict[str, str], mode: str, project: str, enti
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.status:
+        from g2d2.experiment.status import status_report
+
+        try:
+            sys.stdout.write(status_report(args.root))
+        except FileNotFoundError as error:
+            logger.error("%s", error)
+            return 2
+        return 0
     try:
         tables = build_tables(load_summaries(args.root), None if args.no_published else load_published(),
                               unfinished=load_unfinished(args.root))

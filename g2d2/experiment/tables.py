@@ -6,7 +6,8 @@
 
 Rows are methods (solver, plus its prior), columns are tasks, cells are mean +/- std over the
 images (the mean alone for one image); the published rows come from g2d2/assets/published.yaml,
-matched on dataset and task.
+matched on dataset and task. The shards of a cell (runs with data.shard / data.num_shards) are merged
+into one cell: its mean and std are those of the union of their per-image records (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from g2d2.experiment.results import RESUME_FREE_KEYS, config_diff
+from g2d2.experiment.results import RESUME_FREE_KEYS, config_diff, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Table:
     tasks: list[str]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    #: "method / task" -> the run folders of the shards merged into that cell
+    merged: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_summaries(root: str | Path) -> list[dict[str, Any]]:
@@ -197,10 +200,15 @@ class TableError(ValueError):
     """Runs that cannot be put in one table; the message names the folders and what to do."""
 
 
-def protocol_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Dotted config keys whose values differ between two resolved configs, PROTOCOL_FREE_KEYS left out."""
+#: config keys in which the shards of one cell differ
+SHARD_CONFIG_KEYS = ("data.shard", "data.num_shards")
+
+
+def protocol_differences(a: dict[str, Any], b: dict[str, Any], free_keys: tuple[str, ...] = ()) -> list[str]:
+    """Dotted config keys whose values differ between two resolved configs, PROTOCOL_FREE_KEYS (and
+    `free_keys`) left out."""
     def free(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in PROTOCOL_FREE_KEYS)
+        return any(key == k or key.startswith(k + ".") for k in (*PROTOCOL_FREE_KEYS, *free_keys))
 
     return sorted(key for key, _, _ in config_diff(a, b) if not free(key))
 
@@ -240,6 +248,68 @@ def _pick(key: tuple[str, str], kept: dict[str, Any], other: dict[str, Any]) -> 
     return winner
 
 
+def shard_key(config: dict[str, Any]) -> tuple[int, int]:
+    """(shard, num_shards) of a run's config; (0, 1) for a run of a whole cell (or from before shards)."""
+    data = config.get("data") or {}
+    return int(data.get("shard", 0)), int(data.get("num_shards", 1))
+
+
+def read_records(folder: str | Path) -> list[dict[str, Any]]:
+    """The complete per-image records of a run folder's metrics.jsonl, read only: a partial last line (a run
+    killed mid-write) is skipped, not repaired, since make_table never writes into a run folder."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.exists():
+        raise TableError(f"{path.parent} has a summary.json but no metrics.jsonl: shards are merged from their "
+                         "per-image records; restore the file or move that folder out")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if line.endswith("\n"):
+                records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def merge_shards(key: tuple[str, str], parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for the cell `key` from the summaries of its shards (at least one with num_shards > 1).
+
+    The shards must share the protocol (config minus PROTOCOL_FREE_KEYS and the shard keys) and the cell's
+    image list, and no image may be in two of them (else TableError naming the keys, or the index and the
+    folders). Means and std are over the union of their records; num_expected is the whole cell's size, so
+    missing shards or images make a partial cell.
+    """
+    parts = sorted(parts, key=lambda s: shard_key(s["config"]))
+    first = parts[0]
+    for other in parts[1:]:
+        differing = protocol_differences(first["config"], other["config"], SHARD_CONFIG_KEYS)
+        if differing:
+            raise TableError(
+                f"two shards of {key[0]} / {key[1]} differ in {', '.join(differing)}: {_folder(first)} and "
+                f"{_folder(other)}; move one out of the folder or give it another experiment_name"
+            )
+    sizes = {int(s["shard"]["cell_images"]) for s in parts if s.get("shard")}
+    if len(sizes) > 1:
+        raise TableError(f"the shards of {key[0]} / {key[1]} split image lists of different sizes {sorted(sizes)} "
+                         f"(data.limit or the image folder differ): {', '.join(_folder(s) for s in parts)}")
+    owner: dict[int, str] = {}
+    records = []
+    for s in parts:
+        folder = _folder(s)
+        for record in read_records(folder):
+            if record["index"] in owner:
+                raise TableError(
+                    f"image {record['index']} of {key[0]} / {key[1]} is in two runs: {owner[record['index']]} and "
+                    f"{folder} (shards of different data.num_shards, or a shard run twice); move one out"
+                )
+            owner[record["index"]] = folder
+            records.append(record)
+    merged = summarize(records)
+    merged.update(num_expected=sizes.pop() if sizes else None, choices=first["choices"], config=first["config"],
+                  _path=first["_path"], merged=[_folder(s) for s in parts])
+    return merged
+
+
 def _unfinished_key(run: dict[str, Any]) -> tuple[str, str] | None:
     choices = run["choices"]
     task = choices.get("task") or (run["config"].get("task") or {}).get("name")
@@ -254,14 +324,25 @@ def our_table(experiment: str, summaries: list[dict[str, Any]],
               unfinished: list[dict[str, Any]] | None = None) -> Table:
     """The rows we measured for one experiment.
 
-    Two runs of one cell must have the same protocol (config minus PROTOCOL_FREE_KEYS), else TableError;
-    of equal ones the run with more finished images, then the newer, is kept. Unfinished runs (see
-    load_unfinished) of a cell without a finished run show as "unfinished" cells.
+    Two runs of one cell and shard must have the same protocol (config minus PROTOCOL_FREE_KEYS), else
+    TableError; of equal ones the run with more finished images, then the newer, is kept. The shards of a
+    cell are merged (merge_shards). Unfinished runs (see load_unfinished) of a cell without a finished run
+    show as "unfinished" cells.
     """
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+    shards: dict[tuple[str, str], dict[tuple[int, int], dict[str, Any]]] = {}
     for s in summaries:
         key = (method_label(s), s["choices"].get("task", "?"))
-        best[key] = _pick(key, best[key], s) if key in best else s
+        parts, part = shards.setdefault(key, {}), shard_key(s["config"])
+        parts[part] = _pick(key, parts[part], s) if part in parts else s
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    merged: dict[str, list[str]] = {}
+    for key, parts in shards.items():
+        if all(num_shards == 1 for _, num_shards in parts):
+            best[key] = next(iter(parts.values()))
+            continue
+        best[key] = merge_shards(key, list(parts.values()))
+        merged[f"{key[0]} / {key[1]}"] = best[key]["merged"]
+        logger.info("%s / %s: merged %d shards (%s)", *key, len(parts), ", ".join(best[key]["merged"]))
     rows: dict[str, Row] = {}
     partial = False
     for (label, task), s in best.items():
@@ -290,8 +371,10 @@ def our_table(experiment: str, summaries: list[dict[str, Any]],
             notes.append(f"Unfinished run (cell unknown) in {run['_path']}: {run['done']} images done.")
             continue
         if key in best:
-            notes.append(f"Unfinished run of {key[0]} / {key[1]} in {run['_path']} ignored: "
-                         f"a finished run of that cell is shown ({_folder(best[key])}).")
+            shard, num_shards = shard_key(run["config"])
+            what = f"shard {shard} of {num_shards}" if num_shards > 1 else "run"
+            notes.append(f"Unfinished {what} of {key[0]} / {key[1]} in {run['_path']} ignored: "
+                         f"finished runs of that cell are shown ({_folder(best[key])}).")
             continue
         row = rows.setdefault(key[0], Row(key[0]))
         text = f"unfinished ({run['done']} done" + (f", {run['failed']} failed)" if run["failed"] else ")")
@@ -314,6 +397,7 @@ def our_table(experiment: str, summaries: list[dict[str, Any]],
         tasks=tasks,
         rows=[rows[label] for label in sorted(rows, key=_row_order)],
         notes=notes,
+        merged=merged,
     )
 
 
