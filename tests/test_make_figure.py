@@ -69,3 +69,17 @@ def test_default_figure_goes_into_the_sweep_in_the_table_order_without_empty_row
     assert make_figure.table_order({t for t, _ in runs}, make_figure.TASK_ORDER) == ["sr4", "gauss_deblur"]
     assert make_figure.table_order({m for _, m in runs}, make_figure.SOLVER_ORDER, key=solvers.get) == [
         "g2d2_tiny", "dps_tiny", "pinv"]
+
+
+def test_the_shards_of_a_cell_make_one_column(tmp_path):
+    """Images of a sharded cell are named by their global index, so rows come from whichever shard has them."""
+    fake_run(tmp_path / "sr4_pinv_shard0", "sr4", "pinv", {0: ("gt", "measurement", "recon")})
+    fake_run(tmp_path / "sr4_pinv_shard1", "sr4", "pinv", {1: ("gt", "measurement", "recon")})
+    out = tmp_path / "f.png"
+    proc = figure(tmp_path, "--images", "0,1", "--scale", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    canvas = Image.open(out).convert("RGB")
+    left, top, pad, size = 110, 18, 2, 8
+    assert canvas.size == (left + 3 * (size + pad), top + 2 * (size + pad))
+    for row in (0, 1):
+        assert canvas.getpixel((left + 2 * (size + pad) + 4, top + row * (size + pad) + 4)) == (200, 10, 10), row

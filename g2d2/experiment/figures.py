@@ -22,13 +22,15 @@ from g2d2.experiment.tables import SOLVER_ORDER, TASK_ORDER
 logger = logging.getLogger("make_figure")
 
 
-def collect(sweep: Path) -> tuple[dict[tuple[str, str], Path], dict[str, str]]:
-    """(task, method or solver) -> run folder, and method -> solver, from each run's summary.json."""
-    runs, solvers = {}, {}
+def collect(sweep: Path) -> tuple[dict[tuple[str, str], list[Path]], dict[str, str]]:
+    """(task, method or solver) -> its run folders (one, or the shards of a cell: images are named by their
+    global index), and method -> solver, from each run's summary.json."""
+    runs: dict[tuple[str, str], list[Path]] = {}
+    solvers = {}
     for summary in sorted(sweep.rglob("summary.json")):
         choices = json.loads(summary.read_text()).get("choices", {})
         method = choices.get("method") or choices.get("solver")
-        runs[(choices.get("task"), method)] = summary.parent
+        runs.setdefault((choices.get("task"), method), []).append(summary.parent)
         solvers[method] = choices.get("solver") or method
     return runs, solvers
 
@@ -40,12 +42,12 @@ def table_order(names: set[str], first: tuple[str, ...], key=lambda name: name) 
     return sorted(names, key=lambda n: (key(n) == "pinv", rank.get(key(n), len(first)), n))
 
 
-def _first(folder: Path, index: int, suffix: str) -> Path | None:
-    found = sorted((folder / "images").glob(f"{index:05d}_*_{suffix}.png"))
+def _first(folders: list[Path], index: int, suffix: str) -> Path | None:
+    found = sorted(p for folder in folders for p in (folder / "images").glob(f"{index:05d}_*_{suffix}.png"))
     return found[0] if found else None
 
 
-def build_rows(runs: dict[tuple[str, str], Path], tasks: list[str], methods: list[str],
+def build_rows(runs: dict[tuple[str, str], list[Path]], tasks: list[str], methods: list[str],
                indices: list[int]) -> tuple[list[list[Image.Image | None]], list[str]]:
     """One row per (task, index): ground truth and measurement from any run of the task that saved them
     (the chosen methods first), then each method's reconstruction (None where missing)."""
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tiles, labels = build_rows(runs, tasks, methods, indices)
     if not any(t is not None for row in tiles for t in row):
-        saved = sorted({int(p.name[:5]) for run in runs.values() for p in (run / "images").glob("*_recon.png")
-                        if p.name[:5].isdigit()})
+        saved = sorted({int(p.name[:5]) for cell in runs.values() for run in cell
+                        for p in (run / "images").glob("*_recon.png") if p.name[:5].isdigit()})
         raise SystemExit(f"no saved image for index {indices} of methods {methods} under {args.sweep}; "
                          f"indices with a saved reconstruction: {saved or 'none (save_images=false?)'}")
 
