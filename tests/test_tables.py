@@ -49,6 +49,11 @@ EXPERIMENTS = {
                             {"g2d2_imagenet", "dps_imagenet", "red_diff_imagenet", "pinv"}),
     "table_red_diff": ("imagenet", "alex", {"sr4", "gauss_deblur", "inpaint_box"},
                        {"red_diff_imagenet", "dps_imagenet", "g2d2_imagenet", "pinv"}),
+    "table_discrete_priors_ffhq": ("ffhq", "vgg", {"gauss_deblur", "sr4"},
+                                   {"g2d2_ffhq", "g2d2_amused_ffhq", "dps_ffhq", "red_diff_ffhq", "pinv"}),
+    "table_discrete_priors_imagenet": ("imagenet", "vgg", {"gauss_deblur", "sr4"},
+                                       {"g2d2_imagenet", "g2d2_amused_imagenet", "dps_imagenet", "red_diff_imagenet",
+                                        "pinv"}),
     "tiny_table": ("embedded", "vgg", {"sr4", "gauss_deblur", "inpaint_box"},
                    {"pinv", "g2d2_tiny", "red_diff_tiny", "dps_tiny"}),
 }
@@ -64,6 +69,8 @@ METHODS = {
     "dps_imagenet": ("dps", "adm_imagenet", "ddpm"),
     "red_diff_imagenet": ("red_diff", "adm_imagenet", "ddpm_leading"),
     "g2d2_imagenet": ("g2d2", "vq_diffusion_ithq", "markov"),
+    "g2d2_amused_ffhq": ("g2d2", "amused_256", "star"),
+    "g2d2_amused_imagenet": ("g2d2", "amused_256", "star"),
 }
 FAST = ["logger=none", "progress=false", "save_images=false"]
 
