@@ -326,3 +326,32 @@ def test_g2d2_fits_the_measurement_better_than_prior_samples(plain, process):
     fit = (op.forward(x_hat) - y).flatten(1).norm(dim=1)
     blind = (op.forward(prior_only) - y).flatten(1).norm(dim=1)
     assert (fit < 0.8 * blind).all(), (fit, blind)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark rows
+
+
+@pytest.mark.parametrize("name", ["amused_256", "amused_512"])
+def test_benchmark_rows_load_the_random_amused_shapes_as_run_py_would(name, tmp_path):
+    """The benchmark's aMUSEd row (tiny scale): its overrides compose the G2D2 aMUSEd method on `name` with the
+    random checkpoint's path, and the runner's build_prior loads that checkpoint with the shapes written."""
+    from g2d2.bench import cli, models, rows
+    from g2d2.experiment.runner import build_prior
+
+    info = models.write_amused(tmp_path / name, name, "tiny", torch.device("cpu"), torch.float32)
+    args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--solvers", "g2d2"])
+    assert name in args.discrete_priors
+    overrides = rows.row_overrides(rows.METHODS["g2d2", name], tmp_path / name, info["image_size"], "fp32", False,
+                                   args, True, rows.PRIOR_OVERRIDES.get(name, ()))
+    cfg = rows.compose_run_config(overrides)
+    assert cfg.prior._target_ == "g2d2.priors.amused.AmusedPrior" and cfg.noise_schedule._target_.endswith("StarShaped")
+    assert cfg.prior.path == str(tmp_path / name) and cfg.prior.guidance_scale == args.guidance
+    prior = build_prior(cfg, torch.device("cpu"))
+    vq, uvit, _, mask_token_id = models.AMUSED_SHAPES[name]["tiny"]
+    assert prior.image_size == info["image_size"] and prior.mask_token_id == mask_token_id
+    assert prior.transformer.config.downsample == (name == "amused_512")
+    # the full shapes: aMUSEd's published sizes
+    full_vq, full_uvit, full_text, full_mask = models.AMUSED_SHAPES[name]["full"]
+    assert (full_vq["num_vq_embeddings"], full_uvit["codebook_size"], full_uvit["vocab_size"], full_mask) == (
+        8192, 8192, 8256, 8255)
+    assert full_uvit["sample_size"] * 2 ** (len(full_vq["block_out_channels"]) - 1) == int(name.split("_")[1])

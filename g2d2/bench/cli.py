@@ -13,8 +13,9 @@ What is measured (batch 1, one image of the prior's size: 256 px at full scale):
   on that prior shape> task=<task> prior.path=<random checkpoint> precision=... gradient_checkpointing=...
   device=... data.image_size=<prior's size>` and the trailing overrides of this command; solver, noise
   schedule and prior are built by the runner's builders from that config (g2d2.bench.rows.METHODS: G2D2
-  runs g2d2_imagenet with one prompt, `--prompt` at guidance `--guidance`: two transformer passes per
-  step; DPS and RED-Diff the *_ffhq / *_imagenet methods of each ADM shape). The JSON records each row's
+  runs g2d2_imagenet on VQ-Diffusion ITHQ and g2d2_amused_imagenet on aMUSEd 256 / 512 (`--discrete-priors`)
+  with one prompt, `--prompt` at guidance `--guidance`: two transformer passes per step; DPS and RED-Diff
+  the *_ffhq / *_imagenet methods of each ADM shape). The JSON records each row's
   overrides and resolved configs. Paper step counts: G2D2 100 steps x 30 inner iterations, DPS and
   RED-Diff 1000 steps.
 - A solve is not run to the end: a hook on the prior network marks the start of every outer step,
@@ -56,7 +57,7 @@ import torch
 
 from g2d2.bench import models
 from g2d2.bench.report import write_outputs
-from g2d2.bench.rows import SOLVERS, VQ_PRIOR, pinv_row, run_group
+from g2d2.bench.rows import DISCRETE_PRIORS, SOLVERS, pinv_row, run_group
 from g2d2.experiment.cli import CONF_DIR
 from g2d2.priors.base import PRECISIONS
 
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solvers", default="g2d2,red_diff,dps,pinv", help=f"comma list of {list(SOLVERS)}")
     p.add_argument("--precisions", default="fp32,fp16",
                    help=f"comma list of {tuple(PRECISIONS)}: weight dtype; amp_* = fp32 weights under autocast")
+    p.add_argument("--discrete-priors", default=",".join(DISCRETE_PRIORS),
+                   help=f"comma list of {', '.join(DISCRETE_PRIORS)}: the token priors G2D2 rows run on")
     p.add_argument("--pixel-priors", default="adm_ffhq,adm_imagenet", help="comma list of adm_ffhq, adm_imagenet")
     p.add_argument("--task", default="sr4", help="conf/task/<task>.yaml")
     p.add_argument("--measure-steps", type=int, default=5, help="outer steps timed for G2D2")
@@ -122,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.solvers = _split(args.solvers, SOLVERS, "solver(s)", p)
     args.precisions = _split(args.precisions, PRECISIONS, "precision(s)", p)
     args.pixel_priors = _split(args.pixel_priors, models.ADM_SHAPES, "pixel prior(s)", p)
+    args.discrete_priors = _split(args.discrete_priors, DISCRETE_PRIORS, "discrete prior(s)", p)
     args.checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     if args.bare_reps is None:
         args.bare_reps = 5 if args.scale == "full" else 2
@@ -177,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "pinv" in args.solvers:
         add(pinv_row(args, device))
-    # G2D2 first (the number the comparison is about), then the pixel solvers per ADM shape
-    groups = [(VQ_PRIOR, ["g2d2"])] if "g2d2" in args.solvers else []
+    # G2D2 first (the number the comparison is about) on each discrete prior, then the pixel solvers per ADM shape
+    groups = [(name, ["g2d2"]) for name in args.discrete_priors] if "g2d2" in args.solvers else []
     pixel = [s for s in args.solvers if SOLVERS[s] == "pixel"]
     groups += [(name, pixel) for name in args.pixel_priors] if pixel else []
     workdir = _workdir(args, needed_gib=4.0 if args.scale == "full" else 0.1)

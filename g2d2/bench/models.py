@@ -16,6 +16,18 @@ Shapes ("full" scale), from the public configs:
             ("geglu-approximate"), attention bias;
         CLIPTextModel ViT-B/32 text tower: 12 layers, width 512, 8 heads, MLP 2048, 77 tokens, vocab 49408;
         tokenizer: a toy CLIP BPE vocabulary (the real one only changes which ids a prompt gets).
+    aMUSEd 256 / 512 (amused/amused-256, amused/amused-512, from diffusers' scripts/convert_amused.py and the
+    open-MUSE transformer config it converts; the U-ViT defaults of diffusers' UVit2DModel are these values):
+        VQModel (VQ-GAN): block_out_channels (128, 256, 256, 512, 768) (f = 16), 2 res blocks per level,
+            latent_channels 64 (= code dim), 8192 codes, no mid-block attention, lookup_from_codebook;
+            force_upcast set (an assumption: AmusedPipeline keeps the decoder fp32 under it, and aMUSEd's
+            README warns of NaNs in fp16);
+        UVit2DModel: hidden 1024, 22 layers x 16 heads, MLP 2816 (GEGLU), 768-channel conv embedding with 3 res +
+            attention blocks (12 heads) before and after, cross-attention to 768-d CLIP states, pooled text 768
+            + micro-conditioning 5 x 256, vocab 8256 (mask token 8255), codebook 8192, no biases; 16 x 16
+            tokens (256), or 32 x 32 tokens down/upsampled to 16 x 16 around the layers (512);
+        CLIPTextModelWithProjection, CLIP ViT-L/14 text tower: 12 layers, width 768, 12 heads, MLP 3072, 77
+            tokens, vocab 49408, projection 768; AmusedScheduler(mask_token_id=8255, cosine).
     ADM pixel priors (g2d2.priors.guided_diffusion): DPS's ffhq_10m and ADM ImageNet 256 uncond as
     diffusers UNet2DModel, learned-range variance (6 output channels), linear betas, T = 1000.
 "tiny" scale keeps every block type but shrinks widths and depths, and the images to 16 px (VQ) and
@@ -72,6 +84,48 @@ VQ_SHAPES = {
 #: timesteps of the VQ-Diffusion scheduler (ITHQ: 100) at every scale, so G2D2 runs its paper settings
 VQ_TIMESTEPS = 100
 TEXT_LENGTH = 77
+
+_AMUSED_VQ = dict(
+    block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64, num_vq_embeddings=8192,
+    norm_num_groups=32, sample_size=32, down_block_types=("DownEncoderBlock2D",) * 5,
+    up_block_types=("UpDecoderBlock2D",) * 5, mid_block_add_attention=False, lookup_from_codebook=True,
+    force_upcast=True,
+)
+_AMUSED_UVIT = dict(
+    hidden_size=1024, use_bias=False, cond_embed_dim=768, micro_cond_encode_dim=256, micro_cond_embed_dim=1280,
+    encoder_hidden_size=768, vocab_size=8256, codebook_size=8192, in_channels=768, block_out_channels=768,
+    num_res_blocks=3, block_num_heads=12, num_hidden_layers=22, num_attention_heads=16, intermediate_size=2816,
+    layer_norm_eps=1e-6, ln_elementwise_affine=True,
+)
+_AMUSED_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+_TINY_AMUSED_VQ = dict(
+    block_out_channels=(32, 64), layers_per_block=1, latent_channels=8, num_vq_embeddings=16, norm_num_groups=32,
+    sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True,
+)
+_TINY_AMUSED_UVIT = dict(
+    hidden_size=32, use_bias=False, cond_embed_dim=32, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
+    encoder_hidden_size=32, vocab_size=20, codebook_size=16, in_channels=32, block_out_channels=32, num_res_blocks=1,
+    block_num_heads=2, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+)
+_TINY_AMUSED_TEXT = dict(
+    vocab_size=256, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+)
+#: aMUSEd shapes: conf/prior name -> scale -> (vqvae kwargs, UVit2DModel kwargs, CLIP text kwargs, mask token id).
+#: amused_512 = amused_256's components with 32 x 32 tokens and the U-ViT's down/upsampling
+AMUSED_SHAPES = {
+    name: {
+        "full": (_AMUSED_VQ, {**_AMUSED_UVIT, "sample_size": side, "downsample": down, "upsample": down},
+                 _AMUSED_TEXT, 8255),
+        "tiny": (_TINY_AMUSED_VQ, {**_TINY_AMUSED_UVIT, "sample_size": 8, "downsample": down, "upsample": down},
+                 _TINY_AMUSED_TEXT, 19),
+    }
+    for name, side, down in (("amused_256", 16, False), ("amused_512", 32, True))
+}
 
 #: pixel priors: name -> (guided-diffusion architecture factory, full width)
 ADM_SHAPES = {"adm_ffhq": ffhq_10m_config, "adm_imagenet": imagenet256_uncond_config}
@@ -144,6 +198,33 @@ def write_vq_diffusion(root: Path, scale: str, device: torch.device, dtype: torc
         f"({params['vqvae'] / 1e6:.0f}M), CLIP text ({params['text_encoder'] / 1e6:.0f}M)"
     )
     return {"params": params, "shape": shape, "image_size": tr_kw["sample_size"] * down}
+
+
+def write_amused(root: Path, name: str, scale: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Save a random aMUSEd (`name` = "amused_256" | "amused_512") in the hub layout (vqvae/ transformer/
+    scheduler/ text_encoder/ tokenizer/) under `root`; built on `device`, saved in `dtype`, as `write_vq_diffusion`."""
+    from diffusers import AmusedScheduler, UVit2DModel, VQModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vq_kw, uvit_kw, text_kw, mask_token_id = AMUSED_SHAPES[name][scale]
+    root.mkdir(parents=True, exist_ok=True)
+    params = {}
+    with torch.device(device):
+        params["vqvae"] = _save(VQModel(**vq_kw), root / "vqvae", dtype)
+        params["transformer"] = _save(UVit2DModel(**uvit_kw), root / "transformer", dtype)
+        text = CLIPTextModelWithProjection(CLIPTextConfig(**text_kw, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        params["text_encoder"] = _save(text, root / "text_encoder", dtype)
+    AmusedScheduler(mask_token_id=mask_token_id).save_pretrained(str(root / "scheduler"))
+    _write_toy_tokenizer(root / "tokenizer")
+    down = 2 ** (len(vq_kw["block_out_channels"]) - 1)
+    side = uvit_kw["sample_size"]
+    shape = (
+        f"aMUSEd {name.split('_')[1]}{'' if scale == 'full' else ' tiny'}: U-ViT {uvit_kw['num_hidden_layers']}x"
+        f"{uvit_kw['hidden_size']} on {side}x{side} tokens ({params['transformer'] / 1e6:.0f}M), VQ f{down} "
+        f"{vq_kw['num_vq_embeddings']} codes ({params['vqvae'] / 1e6:.0f}M), "
+        f"CLIP text ({params['text_encoder'] / 1e6:.0f}M)"
+    )
+    return {"params": params, "shape": shape, "image_size": side * down}
 
 
 def adm_unet_kwargs(name: str, scale: str) -> dict:

@@ -35,17 +35,23 @@ logger = logging.getLogger(__name__)
 SOLVERS = {"g2d2": "vq", "red_diff": "pixel", "dps": "pixel", "pinv": None}
 #: conf/prior option whose shapes the random VQ checkpoint has (the pixel ones: models.ADM_SHAPES' names)
 VQ_PRIOR = "vq_diffusion_ithq"
+#: the discrete (token) priors G2D2 rows can run on: VQ-Diffusion ITHQ and the aMUSEd shapes (models.AMUSED_SHAPES)
+DISCRETE_PRIORS = (VQ_PRIOR, *models.AMUSED_SHAPES)
 #: (solver, conf/prior option of the random checkpoint's shapes) -> the conf/method option a row runs.
 #: G2D2 runs the ImageNet method (guidance 5: two transformer passes per step), with one prompt for every
 #: image instead of the data's class prompts (--prompt, --guidance)
 METHODS = {
     ("g2d2", VQ_PRIOR): "g2d2_imagenet",
+    ("g2d2", "amused_256"): "g2d2_amused_imagenet",
+    ("g2d2", "amused_512"): "g2d2_amused_imagenet",
     ("red_diff", "adm_ffhq"): "red_diff_ffhq",
     ("red_diff", "adm_imagenet"): "red_diff_imagenet",
     ("dps", "adm_ffhq"): "dps_ffhq",
     ("dps", "adm_imagenet"): "dps_imagenet",
     ("pinv", None): "pinv",
 }
+#: row overrides a prior shape needs beyond its method's (amused_512 has no method: g2d2_amused_imagenet's on it)
+PRIOR_OVERRIDES = {"amused_512": ["prior=amused_512"]}
 
 
 def quoted(value: str) -> str:
@@ -67,12 +73,13 @@ def method_override(name: str) -> str:
 
 def row_overrides(
     method: str, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool, args,
-    prompt: bool = False,
+    prompt: bool = False, extra: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """The run.py overrides of one row of conf/method/<method>.yaml; `checkpoint` replaces the prior's path
-    (None keeps the yaml's); `prompt`: the prior is text-conditioned, prompted with args.prompt / args.guidance."""
+    (None keeps the yaml's); `prompt`: the prior is text-conditioned, prompted with args.prompt / args.guidance;
+    `extra`: overrides right after the method's (e.g. another prior choice)."""
     overrides = [
-        method_override(method), f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
+        method_override(method), *extra, f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
         f"gradient_checkpointing={str(checkpointing).lower()}", f"device={args.device}", f"seed={args.seed}",
     ]
     if checkpoint is not None:
@@ -245,6 +252,8 @@ def _write_checkpoint(prior: str, folder: Path, scale: str, device: torch.device
         try:
             if prior == VQ_PRIOR:
                 return models.write_vq_diffusion(folder, scale, build_device, save_dtype)
+            if prior in models.AMUSED_SHAPES:
+                return models.write_amused(folder, prior, scale, build_device, save_dtype)
             return models.write_adm(folder, prior, scale, build_device, save_dtype)
         except Exception as err:  # noqa: BLE001
             logger.warning("building the %s checkpoint on %s failed: %s", prior, build_device, err)
@@ -278,7 +287,8 @@ def run_group(
         loaded_key, loaded, load_error, extra = None, None, None, {}
         for s in solvers:
             prompt = SOLVERS[s] == "vq"
-            overrides = row_overrides(METHODS[s, prior], folder, info["image_size"], prec, ckpt, args, prompt)
+            overrides = row_overrides(METHODS[s, prior], folder, info["image_size"], prec, ckpt, args, prompt,
+                                      PRIOR_OVERRIDES.get(prior, ()))
             head = {"solver": s, "prior": info["shape"], "precision": label, "overrides": overrides}
             try:
                 cfg = compose_run_config(overrides)
