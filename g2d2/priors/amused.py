@@ -55,14 +55,9 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.mask_schedule import absorbing_schedules, amused_mask_ratios
-from g2d2.priors.base import (
-    DiscretePrior,
-    enable_checkpointing,
-    freeze,
-    network_autocast,
-    precision_dtype,
-)
+from g2d2.priors.base import freeze, network_autocast, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
+from g2d2.priors.codebook import CodebookPrior, check_prompt_options, load_component
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +67,10 @@ LOG_CLAMP = -70.0
 
 
 def _load(component: str, root: Path, loader):  # noqa: ANN001 - any from_pretrained-like callable
-    folder = root / component
-    if not folder.is_dir():
-        raise CheckpointError(f"aMUSEd checkpoint {root} has no '{component}/' folder; expected layout: {LAYOUT}")
-    try:
-        return loader(str(folder))
-    except Exception as err:  # noqa: BLE001 - re-raised with the component named
-        raise CheckpointError(
-            f"could not load the '{component}' component from {folder} ({type(err).__name__}: {err}); "
-            f"expected layout: {LAYOUT}"
-        ) from err
+    return load_component(root, component, loader, "aMUSEd", LAYOUT)
 
 
-class AmusedPrior(DiscretePrior):
+class AmusedPrior(CodebookPrior):
     """A text-conditioned aMUSEd prior (see the module docstring for the mapping).
 
     Args:
@@ -103,6 +89,9 @@ class AmusedPrior(DiscretePrior):
         CheckpointError: a missing/unloadable component, named, or inconsistent sizes.
         ValueError: bad precision, num_timesteps, guidance without a prompt, or both prompt and prompt_from_data.
     """
+
+    #: the VQ-GAN decodes to [0, 1] (AmusedPipeline: VaeImageProcessor(do_normalize=False)); see CodebookPrior
+    vq_range = "[0, 1]"
 
     def __init__(
         self,
@@ -125,13 +114,7 @@ class AmusedPrior(DiscretePrior):
 
         dtype = precision_dtype(precision)
         self.precision = precision
-        if prompt and prompt_from_data:
-            raise ValueError(f"prompt={prompt!r} and prompt_from_data=true exclude each other; set one of them")
-        if guidance_scale != 1.0 and not (prompt or prompt_from_data):
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt, prior.prompt_from_data=true "
-                "or guidance 1"
-            )
+        check_prompt_options(prompt, prompt_from_data, guidance_scale)
         if not (isinstance(num_timesteps, int) and num_timesteps >= 1):
             raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
         if len(crop_coord) != 2:
@@ -189,14 +172,8 @@ class AmusedPrior(DiscretePrior):
         micro = [self.image_size, self.image_size, crop_coord[0], crop_coord[1], aesthetic_score]
         self.register_buffer("micro_conds", torch.tensor([micro], dtype=dtype), persistent=False)
 
-        # 6. codebook E (K, d), cached once in float32
-        codebook = self.vqvae.quantize.embedding.weight.detach().float().clone()
-        self.register_buffer("codebook", codebook, persistent=False)
-        freeze(self.vqvae)
-        freeze(self.transformer)
-        if gradient_checkpointing:
-            enable_checkpointing(self.vqvae)
-        self.to(device)
+        # 6. codebook, frozen networks, device
+        self._freeze(gradient_checkpointing, device)
         logger.info(
             "aMUSEd prior from %s: K=%d codes, tokens %s, %d px, %s masking on T=%d, prompt=%r, guidance=%g, %s",
             root, self.num_codes, self.token_shape, self.image_size, self.masking_schedule, num_timesteps, prompt,
@@ -214,19 +191,10 @@ class AmusedPrior(DiscretePrior):
         out = self._text["encoder"](ids, return_dict=True, output_hidden_states=True)
         return out.text_embeds.float(), out.hidden_states[-2].float()
 
-    def set_prompts(self, prompts: list[str]) -> None:
-        """Condition the next `log_p_x0` calls on one prompt per image (a batch of len(prompts))."""
-        if not self.prompt_from_data:
-            raise RuntimeError("set_prompts needs a prior built with prompt_from_data=true (prior.prompt is fixed)")
-        bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
-        if not prompts or bad:
-            raise ValueError(f"set_prompts needs one non-empty prompt per image, got {list(prompts)!r}")
-        for p in prompts:
-            if p not in self._prompt_embeddings:
-                self._prompt_embeddings[p] = self._embed_text(p)
+    def _use_prompt_embeddings(self, embeddings: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         like = self.uncond_hidden
-        self.cond_pooled = torch.cat([self._prompt_embeddings[p][0] for p in prompts]).to(like.device, like.dtype)
-        self.cond_hidden = torch.cat([self._prompt_embeddings[p][1] for p in prompts]).to(like.device, like.dtype)
+        self.cond_pooled = torch.cat([pooled for pooled, _ in embeddings]).to(like.device, like.dtype)
+        self.cond_hidden = torch.cat([hidden for _, hidden in embeddings]).to(like.device, like.dtype)
 
     # ---------------------------------------------------------------- transformer
     @torch.no_grad()
@@ -276,39 +244,3 @@ class AmusedPrior(DiscretePrior):
             l_u, l_c = out.float().chunk(2)
             logits = l_u + self.guidance_scale * (l_c - l_u)
         return logits.float().flatten(2)  # (B, K, h, w) -> (B, K, N), raster order
-
-    # ---------------------------------------------------------------- VQ-GAN decoder / encoder
-    def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) code vectors -> images in [-1, 1] scale: VQModel.decode(force_not_quantize=True) on the
-        looked-up vectors (post_quant_conv + decoder), mapped from the VQ-GAN's [0, 1] range."""
-        h, w = self.token_shape
-        quant = emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype)  # (B, d, h, w)
-        spatial = quant if self.vqvae.config.norm_type == "spatial" else None
-        with network_autocast(self.precision, quant.device):
-            return 2.0 * self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial) - 1.0
-
-    def decode(self, probs: torch.Tensor) -> torch.Tensor:
-        """Relaxed decode: (B, K, N) probs -> probs^T E (B, N, d) -> decoder; differentiable w.r.t. probs.
-
-        Returns (B, 3, H, W) on the [-1, 1] scale, not clamped, float32 (float64 for float64 probs).
-        """
-        out_dtype = torch.promote_types(probs.dtype, torch.float32)
-        emb = torch.einsum("bkn,kd->bnd", probs.to(out_dtype), self.codebook.to(out_dtype))
-        return self._decode_embeddings(emb).to(out_dtype)
-
-    @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N) code ids -> (B, 3, H, W) float32 images clamped to [-1, 1]."""
-        if (tokens >= self.num_codes).any() or (tokens < 0).any():
-            raise ValueError(f"decode_tokens needs code ids in [0, {self.num_codes}), got mask or out-of-range ids")
-        return self._decode_embeddings(self.codebook[tokens]).float().clamp(-1.0, 1.0)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (x + 1) / 2 -> encoder + quant_conv -> nearest code ids (B, N)."""
-        x01 = ((x + 1.0) / 2.0).to(self.vqvae.dtype)
-        with network_autocast(self.precision, x.device):
-            h = self.vqvae.quant_conv(self.vqvae.encoder(x01)).float()  # (B, d, h, w)
-        z = h.flatten(2).transpose(1, 2)  # (B, N, d)
-        dist = (z**2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + (self.codebook**2).sum(-1)  # (B, N, K)
-        return dist.argmin(dim=-1)

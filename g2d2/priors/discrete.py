@@ -29,15 +29,9 @@ from pathlib import Path
 import torch
 
 from g2d2.noise.vq_schedule import vq_diffusion_schedules
-from g2d2.priors.base import (
-    DiscretePrior,
-    enable_checkpointing,
-    freeze,
-    network_autocast,
-    per_device,
-    precision_dtype,
-)
+from g2d2.priors.base import freeze, network_autocast, per_device, precision_dtype
 from g2d2.priors.checkpoints import CheckpointError, resolve_checkpoint
+from g2d2.priors.codebook import CodebookPrior, check_prompt_options, load_component
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +45,10 @@ LOG_CLAMP = -70.0
 
 
 def _load(component: str, root: Path, loader):  # noqa: ANN001 - any from_pretrained-like callable
-    folder = root / component
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"VQ-Diffusion checkpoint {root} has no '{component}/' folder; expected layout: {LAYOUT}"
-        )
-    try:
-        return loader(str(folder))
-    except Exception as err:  # noqa: BLE001 - re-raised with the component named
-        raise CheckpointError(
-            f"could not load the '{component}' component from {folder} ({type(err).__name__}: {err}); "
-            f"expected layout: {LAYOUT}"
-        ) from err
+    return load_component(root, component, loader, "VQ-Diffusion", LAYOUT)
 
 
-class VQDiffusionPrior(DiscretePrior):
+class VQDiffusionPrior(CodebookPrior):
     """A (text-conditioned or unconditional) VQ-Diffusion prior.
 
     Args:
@@ -103,13 +86,7 @@ class VQDiffusionPrior(DiscretePrior):
 
         dtype = precision_dtype(precision)
         self.precision = precision
-        if prompt and prompt_from_data:
-            raise ValueError(f"prompt={prompt!r} and prompt_from_data=true exclude each other; set one of them")
-        if guidance_scale != 1.0 and not (prompt or prompt_from_data):
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs a prompt; set prior.prompt, prior.prompt_from_data=true "
-                "or guidance 1"
-            )
+        check_prompt_options(prompt, prompt_from_data, guidance_scale)
         root = resolve_checkpoint(path, allow_download=allow_download)
         if not root.is_dir():
             raise CheckpointError(f"VQ-Diffusion checkpoint {root} is not a folder; expected layout: {LAYOUT}")
@@ -175,14 +152,8 @@ class VQDiffusionPrior(DiscretePrior):
         self.register_buffer("cond_embedding", cond, persistent=False)  # (1, L, D) or None
         self.register_buffer("uncond_embedding", uncond, persistent=False)  # (1, L, D) or None
 
-        # 4. codebook E (K, d), cached once in float32
-        codebook = self.vqvae.quantize.embedding.weight.detach().float().clone()
-        self.register_buffer("codebook", codebook, persistent=False)
-        freeze(self.vqvae)
-        freeze(self.transformer)
-        if gradient_checkpointing:
-            enable_checkpointing(self.vqvae)
-        self.to(device)
+        # 4. codebook, frozen networks, device
+        self._freeze(gradient_checkpointing, device)
         logger.info(
             "VQ-Diffusion prior from %s: K=%d codes, tokens %s, T=%d, prompt=%r, guidance=%g, %s",
             root, self.num_codes, self.token_shape, self.num_timesteps, prompt, guidance_scale, precision,
@@ -200,17 +171,8 @@ class VQDiffusionPrior(DiscretePrior):
         hidden = self._text["encoder"](ids)[0].float()
         return hidden / hidden.norm(dim=-1, keepdim=True)
 
-    def set_prompts(self, prompts: list[str]) -> None:
-        """Condition the next `log_p_x0` calls on one prompt per image (a batch of len(prompts))."""
-        if not self.prompt_from_data:
-            raise RuntimeError("set_prompts needs a prior built with prompt_from_data=true (prior.prompt is fixed)")
-        bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
-        if not prompts or bad:
-            raise ValueError(f"set_prompts needs one non-empty prompt per image, got {list(prompts)!r}")
-        for p in prompts:
-            if p not in self._prompt_embeddings:
-                self._prompt_embeddings[p] = self._embed_text(p)
-        cond = torch.cat([self._prompt_embeddings[p] for p in prompts])  # (B, L, D)
+    def _use_prompt_embeddings(self, embeddings: list[torch.Tensor]) -> None:
+        cond = torch.cat(embeddings)  # (B, L, D)
         self.cond_embedding = cond.to(device=self.uncond_embedding.device, dtype=self.uncond_embedding.dtype)
 
     @staticmethod
@@ -271,39 +233,3 @@ class VQDiffusionPrior(DiscretePrior):
     def _timestep_ids(self, device: torch.device) -> torch.Tensor:
         """arange(T) on `device`, made once per device."""
         return per_device(self._timestep_ids_on, device, lambda: torch.arange(self.num_timesteps, device=device))
-
-    # ---------------------------------------------------------------- VQ decoder / encoder
-    def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) code vectors -> images. VQModel.decode(force_not_quantize=True) written out
-        (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot turn it into a lookup."""
-        h, w = self.token_shape
-        quant = emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w)  # (B, d, h, w), raster order
-        quant = quant.to(self.vqvae.dtype)
-        spatial = quant if self.vqvae.config.norm_type == "spatial" else None
-        with network_autocast(self.precision, quant.device):
-            return self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
-
-    def decode(self, probs: torch.Tensor) -> torch.Tensor:
-        """Relaxed decode: (B, K, N) probs -> probs^T E (B, N, d) -> decoder; differentiable w.r.t. probs.
-
-        Returns (B, 3, H, W), not clamped, in float32 (float64 when probs are float64).
-        """
-        out_dtype = torch.promote_types(probs.dtype, torch.float32)
-        emb = torch.einsum("bkn,kd->bnd", probs.to(out_dtype), self.codebook.to(out_dtype))
-        return self._decode_embeddings(emb).to(out_dtype)
-
-    @torch.no_grad()
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N) code ids -> (B, 3, H, W) float32 images clamped to [-1, 1]."""
-        if (tokens >= self.num_codes).any() or (tokens < 0).any():
-            raise ValueError(f"decode_tokens needs code ids in [0, {self.num_codes}), got mask or out-of-range ids")
-        return self._decode_embeddings(self.codebook[tokens]).float().clamp(-1.0, 1.0)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> encoder + quant_conv -> nearest code ids (B, N)."""
-        with network_autocast(self.precision, x.device):
-            h = self.vqvae.quant_conv(self.vqvae.encoder(x.to(self.vqvae.dtype))).float()  # (B, d, h, w)
-        z = h.flatten(2).transpose(1, 2)  # (B, N, d)
-        dist = (z**2).sum(-1, keepdim=True) - 2 * z @ self.codebook.T + (self.codebook**2).sum(-1)  # (B, N, K)
-        return dist.argmin(dim=-1)
