@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from g2d2.bench import cli, profiling, rows, timing
-from g2d2.experiment.runner import build_prior
+from g2d2.bench import cli, profiling, report, rows, timing
+from g2d2.experiment.runner import build_prior, image_generator
 from g2d2.solvers.base import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +80,8 @@ def test_tiny_benchmark_rows(tiny_run: tuple[dict, str, float]) -> None:
 
 def test_tiny_benchmark_markdown(tiny_run: tuple[dict, str, float]) -> None:
     result, markdown, _ = tiny_run
-    assert "| solver | prior shape | precision | peak GPU MiB |" in markdown
+    assert "| solver | prior shape | precision | batch | peak GPU MiB |" in markdown
+    assert "| s/image (extrap.) | images/h |" in markdown
     assert "| host syncs/step | status |" in markdown and "only at the two edges" in markdown
     assert result["meta"]["device_name"].split()[0] in markdown
     for solver in ("g2d2", "red_diff", "dps", "pinv"):
@@ -88,8 +90,9 @@ def test_tiny_benchmark_markdown(tiny_run: tuple[dict, str, float]) -> None:
 
 
 def _resolved(cfg) -> dict:
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
-            for key in ("solver", "noise_schedule", "prior")}
+    out = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+           for key in ("solver", "noise_schedule", "prior")}
+    return {**out, "batch_size": cfg.batch_size}
 
 
 def test_tiny_benchmark_rows_are_run_py_configs(tiny_run: tuple[dict, str, float]) -> None:
@@ -109,13 +112,20 @@ def test_tiny_benchmark_rows_are_run_py_configs(tiny_run: tuple[dict, str, float
 
 @pytest.mark.usefixtures("one_thread")
 def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py +method=red_diff_tiny`
-    composed by Hydra, and the solver the row times is built from it (ddpm_leading grid)."""
+    """RED-Diff on the embedded tiny prior: the row's config equals `python scripts/run.py +method=red_diff_tiny
+    batch_size=B` composed by Hydra at each batch size, and the solver the row times is built from it (ddpm_leading
+    grid). Without the override run.py solves this prior 4 at a time (conf/setting): the row at batch 1 must not."""
     args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--measure-steps-pixel", "1", "--bare-reps", "1"])
+    for batch_size in (1, 4, 16):
+        overrides = rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args, batch_size=batch_size)
+        run_py = compose_config([rows.method_override("red_diff_tiny"), f"batch_size={batch_size}"])  # as typed
+        assert _resolved(rows.compose_run_config(overrides)) == _resolved(run_py)
+        assert run_py.batch_size == batch_size
+    assert compose_config([rows.method_override("red_diff_tiny")]).batch_size == 4
     overrides = rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args)
     cfg = rows.compose_run_config(overrides)
-    run_py = compose_config([rows.method_override("red_diff_tiny")])  # as a user types it
-    assert _resolved(cfg) == _resolved(run_py)
+    run_py = compose_config([rows.method_override("red_diff_tiny"), "batch_size=1"])
+    assert _resolved(cfg) == _resolved(run_py) and cfg.batch_size == 1
     assert cfg.noise_schedule.spacing == "leading"
     timed = []
     build_solver = rows.build_solver
@@ -126,6 +136,112 @@ def test_red_diff_row_on_the_tiny_prior_times_what_run_py_builds(monkeypatch: py
     (solver,) = timed
     assert solver.noise_schedule.spacing == "leading"
     assert (row["num_steps"], solver.lr) == (run_py.solver.num_steps, run_py.solver.lr)
+
+
+BATCH_SIZES = (1, 3)  # --batch-sizes of the batch run
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """G2D2 (tiny ITHQ shapes), DPS (tiny ADM FFHQ) and pinv at batch 1 and 3, one precision."""
+    out = tmp_path_factory.mktemp("bench_batch")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, str(SCRIPT), "--scale", "tiny", "--device", "cpu", "--solvers", "g2d2,dps,pinv",
+        "--discrete-priors", "vq_diffusion_ithq", "--pixel-priors", "adm_ffhq", "--precisions", "fp32",
+        "--batch-sizes", ",".join(map(str, reversed(BATCH_SIZES))), "--measure-steps", "1",
+        "--measure-steps-pixel", "2", "--bare-reps", "1",
+        "--out", str(out / "b.json"), "--markdown", str(out / "b.md"), "--workdir", str(out / "ckpt"),
+    ]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmark.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads((out / "b.json").read_text()), (out / "b.md").read_text()
+
+
+def test_batch_rows_throughput(batch_run: tuple[dict, str]) -> None:
+    """Every row at every batch size, ascending; s/solve = s/step x steps, s/image = s/solve / B and
+    images/h = 3600 B / s/solve; each row's config is run.py's with batch_size=B."""
+    result, markdown = batch_run
+    assert result["meta"]["batch_sizes"] == list(BATCH_SIZES)
+    got = [(r["solver"], r["batch_size"]) for r in result["rows"]]
+    assert got == [(s, b) for s in ("pinv", "g2d2", "dps") for b in BATCH_SIZES]
+    for r in result["rows"]:
+        b = r["batch_size"]
+        assert r["status"] == "ok", r
+        assert f"batch_size={b}" in r["overrides"] and r["config"]["batch_size"] == b
+        assert r["config"] == _resolved(compose_config(r["overrides"])), r["overrides"]
+        assert r["s_per_solve"] == pytest.approx(r["s_per_step"] * r["num_steps"])
+        assert r["s_per_image"] == pytest.approx(r["s_per_solve"] / b)
+        assert r["images_per_hour"] == pytest.approx(3600 * b / r["s_per_solve"])
+        assert r["images_per_hour"] * r["s_per_image"] == pytest.approx(3600)
+        if r["solver"] == "g2d2":
+            assert r["bare_s_per_step"] == pytest.approx(r["transformer_s"] + 30 * r["decode_fwd_bwd_s"])
+        images_h = f"{r['images_per_hour']:.0f}" if r["images_per_hour"] >= 100 else f"{r['images_per_hour']:.3g}"
+        assert f"| {r['precision']} | {b} |" in markdown and f"| {images_h} |" in markdown
+    assert "| batch 1, 3 |" in markdown
+
+
+def _fake_window(**kwargs) -> dict:
+    return {"s_per_step": 0.5, "steps_timed": 1, "host_syncs_per_step": None, "peak_gpu_mib": None}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_batch_row_poses_the_runner_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row at batch 3 solves images 0..2 as the runner poses them: each image's own operator draw (random
+    inpainting masks from image_generator(seed, i)), one measurement row per image; throughput from s/step."""
+    args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--task", "inpaint_random", "--seed", "5",
+                           "--measure-steps-pixel", "1", "--bare-reps", "1"])
+    cfg = rows.compose_run_config(rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args, batch_size=3))
+    seen = []
+    monkeypatch.setattr(rows.timing, "measure_solve",
+                        lambda solver, prior, net, operator, y, *a: seen.append((operator, y)) or _fake_window())
+    row = rows.run_solver("red_diff", cfg, build_prior(cfg, torch.device("cpu")), "tiny_ddpm", "fp32", args,
+                          torch.device("cpu"))
+    assert row["status"] == "ok" and row["batch_size"] == 3, row
+    ((operator, y),) = seen
+    assert y.shape == (3, 3, 64, 64)
+    masks = [instantiate(cfg.task.operator, generator=image_generator(5, i)).state()["mask"] for i in range(3)]
+    assert len(operator.operators) == 3
+    assert all(torch.equal(op.state()["mask"], m) for op, m in zip(operator.operators, masks, strict=True))
+    assert not torch.equal(masks[0], masks[1])
+    steps = cfg.solver.num_steps
+    assert (row["s_per_solve"], row["s_per_image"]) == pytest.approx((0.5 * steps, 0.5 * steps / 3))
+    assert row["images_per_hour"] == pytest.approx(3600 * 3 / (0.5 * steps))
+    assert row["bare_s_per_step"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_out_of_memory_at_a_batch_size_is_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch size that runs out of memory gives an "oom" row, the solver's larger sizes "skipped" rows, and the
+    run goes on (the next precision starts again from the smallest size); the Markdown says so."""
+    args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--solvers", "red_diff", "--precisions",
+                           "fp32,bf16", "--batch-sizes", "1,2,4", "--measure-steps-pixel", "1", "--bare-reps", "1"])
+
+    def measure(solver, prior, net, operator, y, *a, **k) -> dict:
+        if y.shape[0] >= 2 and prior.unet.dtype == torch.float32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _fake_window()
+
+    monkeypatch.setattr(rows.timing, "measure_solve", measure)
+    out = []
+    rows.run_group("adm_ffhq", ["red_diff"], tmp_path, args, torch.device("cpu"), out.append, lambda: False)
+    assert [(r["precision"], r["batch_size"], r["status"]) for r in out] == [
+        ("fp32", 1, "ok"), ("fp32", 2, "oom"), ("fp32", 4, "skipped"),
+        ("bf16", 1, "ok"), ("bf16", 2, "ok"), ("bf16", 4, "ok"),
+    ]
+    assert out[2]["error"] == "out of memory at batch 2" and "OutOfMemoryError" in out[1]["error"]
+    text = report.markdown({"meta": {**cli._meta(args, torch.device("cpu")), "device_name": "cpu"}, "rows": out,
+                            "ratios": []})
+    assert "| fp32 | 2 |" in text and "| oom: OutOfMemoryError: CUDA out of memory" in text
+    assert "| skipped: out of memory at batch 2 |" in text
+
+
+def test_batch_sizes_option() -> None:
+    assert cli.parse_args(["--batch-sizes", "16,1,4,4"]).batch_sizes == [1, 4, 16]
+    assert cli.parse_args([]).batch_sizes == [1]
+    for bad in ("0,4", "a", ","):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--batch-sizes", bad])
 
 
 def test_trailing_overrides_reach_every_row() -> None:

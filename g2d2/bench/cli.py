@@ -5,13 +5,14 @@
     python scripts/benchmark.py --scale tiny --device cpu --measure-steps 1 --measure-steps-pixel 2 \
         --out /tmp/benchmark.json --markdown /tmp/benchmark.md   # CI smoke test
     python scripts/benchmark.py --solvers g2d2 noise_schedule=star solver.kl_form=exact   # run.py overrides
+    python scripts/benchmark.py --solvers dps,red_diff --batch-sizes 1,4,16   # per-image throughput by batch size
 
-What is measured (batch 1, one image of the prior's size: 256 px at full scale):
+What is measured (images of the prior's size: 256 px at full scale; `--batch-sizes`, default 1, of them per solve):
 - Priors are the real architectures with random weights (g2d2.bench.models), saved in our checkpoint
   layouts; time and memory do not depend on the weights.
 - Every row is a run.py configuration: conf/config.yaml composed by Hydra with `[+]method=<solver's method
   on that prior shape> task=<task> prior.path=<random checkpoint> precision=... gradient_checkpointing=...
-  device=... data.image_size=<prior's size>` and the trailing overrides of this command; solver, noise
+  device=... data.image_size=<prior's size> batch_size=<B>` and the trailing overrides of this command; solver, noise
   schedule and prior are built by the runner's builders from that config (g2d2.bench.rows.METHODS: G2D2
   runs g2d2_imagenet on VQ-Diffusion ITHQ and g2d2_amused_imagenet on aMUSEd 256 / 512 (`--discrete-priors`)
   with one prompt, `--prompt` at guidance `--guidance`: two transformer passes per step; DPS and RED-Diff
@@ -22,13 +23,16 @@ What is measured (batch 1, one image of the prior's size: 256 px at full scale):
   `--warmup-steps` steps are discarded, the next `--measure-steps` (G2D2) or `--measure-steps-pixel`
   (DPS, RED-Diff: short steps, so more of them against timer noise) are timed, then the solve is
   stopped. The device is synchronised only at the two edges of that window (g2d2.bench.timing).
-  s/image = s/step x the solver's num_steps (extrapolated; one-off costs such as loading, prompt
-  encoding and the final decode are not included).
+  s/image = s/step x the solver's num_steps / B (extrapolated; one-off costs such as loading, prompt
+  encoding and the final decode are not included); images/h = 3600 / s/image. The B images of a row are posed
+  as the runner poses one batch: images 0 .. B-1, each with its own seeded operator draw and noise.
+- Batch sizes: every row is timed at each `--batch-sizes` value (run.py's `batch_size`), ascending; a row that
+  runs out of memory is recorded with status "oom", and that solver's larger sizes (same precision) are skipped.
 - Peak GPU memory = torch.cuda.max_memory_allocated over the solve (weights included), after
   reset_peak_memory_stats; on CPU the process peak RSS is recorded instead.
 - Bare prior cost per step: G2D2 = one guided transformer pass + inner_iters x relaxed-decode
-  forward+backward; DPS = UNet forward + backward w.r.t. its input; RED-Diff = UNet forward; each the
-  mean of `--bare-reps` back-to-back calls (pixel priors: at least `--measure-steps-pixel` calls).
+  forward+backward; DPS = UNet forward + backward w.r.t. its input; RED-Diff = UNet forward; each on the
+  row's batch of B, the mean of `--bare-reps` back-to-back calls (pixel priors: at least `--measure-steps-pixel`).
   overhead = s/step / bare s/step - 1 (the solver's own work per step; target <= 10 %).
 - Host syncs/step (CUDA only, a diagnostic): the synchronising CUDA calls the solver makes per timed
   step, counted with torch.cuda.set_sync_debug_mode("warn") inside the timed window. None on CPU, with
@@ -37,7 +41,7 @@ What is measured (batch 1, one image of the prior's size: 256 px at full scale):
 - `--checkpointing on|both` adds rows with the priors' gradient checkpointing (precision column
   "<dtype>+ckpt"): the memory it saves and the time it costs for DPS and G2D2.
 - `--profile DIR` writes, per row, a torch.profiler table of one solver step (after one warm-up step)
-  to DIR/<solver>_<prior>_<precision>.txt. Profiled steps are not part of the timings.
+  to DIR/<solver>_<prior>_<precision>[_b<B> for B > 1].txt. Profiled steps are not part of the timings.
 Each row records the counts it used (warmup_steps, measure_steps, steps_timed, bare_reps).
 Each configuration catches its own out-of-memory / errors, and the JSON and Markdown files are
 rewritten after every configuration, so an interrupted run still leaves its data.
@@ -84,6 +88,17 @@ def _split(text: str, known, what: str, parser: argparse.ArgumentParser) -> list
     return values
 
 
+def _batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:
+    """`--batch-sizes 1,4,16` -> [1, 4, 16]: distinct, ascending (a size after an out-of-memory one is skipped)."""
+    try:
+        sizes = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        parser.error(f"--batch-sizes takes a comma list of integers, e.g. 1,4,16; got {text!r}")
+    if not sizes or sizes[0] < 1:
+        parser.error(f"--batch-sizes must be integers >= 1, e.g. 1,4,16; got {text!r}")
+    return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=("full", "tiny"), default="full", help="full: real shapes, 256 px; tiny: smoke")
@@ -95,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma list of {', '.join(DISCRETE_PRIORS)}: the token priors G2D2 rows run on")
     p.add_argument("--pixel-priors", default="adm_ffhq,adm_imagenet", help="comma list of adm_ffhq, adm_imagenet")
     p.add_argument("--task", default="sr4", help="conf/task/<task>.yaml")
+    p.add_argument("--batch-sizes", default="1", help="comma list of run.py's batch_size: every row is timed at each "
+                   "(images solved together; s/image and images/h are per image)")
     p.add_argument("--measure-steps", type=int, default=5, help="outer steps timed for G2D2")
     p.add_argument("--measure-steps-pixel", type=int, default=20, help="outer steps timed for the pixel solvers "
                    "(DPS, RED-Diff: short steps, so more of them)")
@@ -127,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pixel_priors = _split(args.pixel_priors, models.ADM_SHAPES, "pixel prior(s)", p)
     args.discrete_priors = _split(args.discrete_priors, DISCRETE_PRIORS, "discrete prior(s)", p)
     args.checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    args.batch_sizes = _batch_sizes(args.batch_sizes, p)
     if args.bare_reps is None:
         args.bare_reps = 5 if args.scale == "full" else 2
     if args.threads is None and args.scale == "tiny":
@@ -148,7 +166,7 @@ def _meta(args, device: torch.device) -> dict:
         "device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "scale": args.scale, "task": args.task, "batch": 1, "precisions": args.precisions,
+        "scale": args.scale, "task": args.task, "batch_sizes": args.batch_sizes, "precisions": args.precisions,
         "measure_steps": args.measure_steps, "measure_steps_pixel": args.measure_steps_pixel,
         "warmup_steps": args.warmup_steps, "bare_reps": args.bare_reps, "count_syncs": args.count_syncs,
         "sync_rule": "device synchronised only at the timed window's edges",
@@ -180,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         return args.budget_s is not None and time.perf_counter() - start > args.budget_s
 
     if "pinv" in args.solvers:
-        add(pinv_row(args, device))
+        for batch_size in args.batch_sizes:
+            add(pinv_row(args, device, batch_size))
     # G2D2 first (the number the comparison is about) on each discrete prior, then the pixel solvers per ADM shape
     groups = [(name, ["g2d2"]) for name in args.discrete_priors] if "g2d2" in args.solvers else []
     pixel = [s for s in args.solvers if SOLVERS[s] == "pixel"]
@@ -191,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
             if over_budget():
                 for s in solvers:
                     for prec in args.precisions:
-                        add({"solver": s, "prior": prior, "precision": prec, "status": "skipped", "error": "budget"})
+                        for b in args.batch_sizes:
+                            add({"solver": s, "prior": prior, "precision": prec, "batch_size": b, "status": "skipped",
+                                 "error": "budget"})
                 continue
             run_group(prior, solvers, workdir, args, device, add, over_budget)
     finally:

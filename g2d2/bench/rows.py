@@ -2,7 +2,7 @@
 
 Each row composes conf/config.yaml with the overrides run.py would get (the method of the solver on that
 prior shape, the task, the prior's path pointing at the random checkpoint, precision, gradient
-checkpointing, device, image size, plus the user's own) and builds solver, prior and operator with the
+checkpointing, device, image size, batch size, plus the user's own) and builds solver, prior and operator with the
 runner's builders: the benchmark times exactly what run.py runs, the method's noise schedule, per-task
 settings and interpolations included.
 """
@@ -27,6 +27,7 @@ from g2d2.bench.profiling import profile_step
 from g2d2.experiment.cli import CONF_DIR
 from g2d2.experiment.runner import build_prior, build_solver, check_config, check_prior, image_generator
 from g2d2.experiment.tracking import measure_cost, peak_rss_mb
+from g2d2.operators.base import per_image
 from g2d2.priors.base import DiscretePrior
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,15 @@ def method_override(name: str) -> str:
 
 def row_overrides(
     method: str, checkpoint: Path | None, image_size: int, precision: str, checkpointing: bool, args,
-    prompt: bool = False, extra: list[str] | tuple[str, ...] = (),
+    prompt: bool = False, extra: list[str] | tuple[str, ...] = (), batch_size: int = 1,
 ) -> list[str]:
     """The run.py overrides of one row of conf/method/<method>.yaml; `checkpoint` replaces the prior's path
     (None keeps the yaml's); `prompt`: the prior is text-conditioned, prompted with args.prompt / args.guidance;
-    `extra`: overrides right after the method's (e.g. another prior choice)."""
+    `extra`: overrides right after the method's (e.g. another prior choice); `batch_size`: run.py's."""
     overrides = [
         method_override(method), *extra, f"task={args.task}", f"data.image_size={image_size}", f"precision={precision}",
         f"gradient_checkpointing={str(checkpointing).lower()}", f"device={args.device}", f"seed={args.seed}",
+        f"batch_size={batch_size}",
     ]
     if checkpoint is not None:
         overrides.append(f"prior.path={quoted(str(checkpoint))}")
@@ -101,11 +103,12 @@ def compose_run_config(overrides: list[str]) -> DictConfig:
 
 
 def row_config(cfg: DictConfig) -> dict:
-    """The resolved solver, noise_schedule and prior configs a row was built from (recorded in the JSON)."""
-    return {
+    """The resolved solver, noise_schedule and prior configs and the batch size a row was built from (in the JSON)."""
+    out = {
         key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
         for key in ("solver", "noise_schedule", "prior")
     }
+    return {**out, "batch_size": cfg.batch_size}
 
 
 def prior_key(cfg: DictConfig) -> str:
@@ -147,17 +150,41 @@ def step_counts(name: str, args) -> dict:
     return {"warmup_steps": args.warmup_steps, "measure_steps": args.measure_steps, "bare_reps": args.bare_reps}
 
 
-def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int) -> dict:
-    """Seconds per step of the prior network alone, as the solver uses it.
+def throughput(s_per_step: float, num_steps: int, batch_size: int) -> dict:
+    """Seconds of one solve of `batch_size` images at `num_steps` steps (extrapolated from s/step), per image,
+    and images per hour."""
+    s_per_solve = s_per_step * num_steps
+    s_per_image = s_per_solve / batch_size
+    return {"s_per_solve": s_per_solve, "s_per_image": s_per_image, "images_per_hour": 3600.0 / s_per_image}
+
+
+def pose_problem(cfg: DictConfig, device: torch.device) -> tuple:
+    """(operator, y) of one batch of `python scripts/run.py <overrides>`: images 0 .. cfg.batch_size-1, posed as
+    g2d2.experiment.runner poses a batch (each image's operator draw and measurement noise from its own
+    image_generator(seed, index); one operator for the batch by per_image). Random images stand in for the data:
+    their content does not change the cost."""
+    operators, images, generators = [], [], [image_generator(cfg.seed, i) for i in range(cfg.batch_size)]
+    for gen in generators:
+        operators.append(instantiate(cfg.task.operator, generator=gen).to(device))
+        images.append(torch.rand(1, *operators[-1].image_shape, generator=gen) * 2 - 1)
+    x = torch.cat(images).to(device)  # (B, 3, H, W)
+    y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, gen)
+                   for j, (op, gen) in enumerate(zip(operators, generators, strict=True))])
+    return per_image(operators), y
+
+
+def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int, batch_size: int = 1) -> dict:
+    """Seconds per step of the prior network alone, as the solver uses it, on a batch of `batch_size`.
 
     G2D2 = one guided transformer pass + inner_iters x relaxed-decode forward+backward; DPS = UNet forward +
     backward w.r.t. its input; RED-Diff = UNet forward; each the mean of `reps` back-to-back calls.
     """
+    b = batch_size
     with measure_cost(device) as cost:
         if name == "g2d2":
-            tokens = torch.full((1, prior.num_tokens), prior.mask_id, dtype=torch.long, device=device)
+            tokens = torch.full((b, prior.num_tokens), prior.mask_id, dtype=torch.long, device=device)
             t_net = timing.timed(lambda: prior.log_p_x0(tokens, prior.num_timesteps - 1), reps, device)
-            logits = torch.randn(1, prior.num_codes, prior.num_tokens, device=device, requires_grad=True)
+            logits = torch.randn(b, prior.num_codes, prior.num_tokens, device=device, requires_grad=True)
 
             def decode_fwd_bwd() -> None:
                 prior.decode(torch.softmax(logits, dim=1)).sum().backward()
@@ -167,7 +194,7 @@ def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int) -
             out = {"transformer_s": t_net, "decode_fwd_bwd_s": t_dec}
             out["bare_s_per_step"] = t_net + solver.inner_iters * t_dec
         else:
-            x = torch.randn(1, 3, prior.image_size, prior.image_size, device=device)
+            x = torch.randn(b, 3, prior.image_size, prior.image_size, device=device)
             t = prior.num_train_timesteps // 2
             if name == "dps":  # DPS differentiates through the network w.r.t. its input
                 x.requires_grad_(True)
@@ -183,19 +210,16 @@ def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int) -
 def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, args, device: torch.device) -> dict:
     """One row: build the solver and the task from `cfg`, time the solve, then the bare prior; failures recorded.
 
-    `prior` is the one the runner's build_prior made from this cfg (None for pinv)."""
+    `prior` is the one the runner's build_prior made from this cfg (None for pinv); the solve is one batch of
+    cfg.batch_size images."""
     counts = step_counts(name, args)
-    row = {"solver": name, "prior": shape, "precision": precision, "status": "ok", **counts}
+    batch = cfg.batch_size
+    row = {"solver": name, "prior": shape, "precision": precision, "batch_size": batch, "status": "ok", **counts}
     try:
         solver = build_solver(cfg)
-        image_size = cfg.data.image_size
-        check_prior(solver, prior, image_size)
-        # the operator and measurement of image 0 of `python scripts/run.py <overrides>`; their content
-        # does not change the cost
-        gen = image_generator(cfg.seed, 0)
-        operator = instantiate(cfg.task.operator, generator=gen).to(device)
-        x = (torch.rand(1, *operator.image_shape, generator=gen) * 2 - 1).to(device)
-        y = operator.measure(x, cfg.task.sigma, gen)
+        check_prior(solver, prior, cfg.data.image_size)
+        operator, y = pose_problem(cfg, device)
+        gen = image_generator(cfg.seed, 0)  # pinv's (it draws nothing)
         num_steps = int(getattr(solver, "num_steps", 1))
         row.update(num_steps=num_steps, inner_iters=getattr(solver, "inner_iters", None), task=args.task)
         if prior is None:  # pinv: one call is the whole solve
@@ -206,19 +230,19 @@ def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, ar
             network = step_network(prior)
             row.update(timing.measure_solve(solver, prior, network, operator, y, device, counts["warmup_steps"],
                                             counts["measure_steps"], args.seed, args.count_syncs))
-        row["s_per_image"] = row["s_per_step"] * num_steps
+        row.update(throughput(row["s_per_step"], num_steps, batch))
     except Exception as err:  # noqa: BLE001 - one configuration failing must not stop the benchmark
         row.update(failure(err, ""))
     free(device)
     if row["status"] == "ok" and prior is not None:
         try:
-            row.update(bare_prior_cost(name, solver, prior, device, counts["bare_reps"]))
+            row.update(bare_prior_cost(name, solver, prior, device, counts["bare_reps"], batch))
             row["overhead"] = row["s_per_step"] / row["bare_s_per_step"] - 1.0
         except Exception as err:  # noqa: BLE001 - keep the solver's numbers
             row["bare_error"] = failure(err, "bare prior: ")["error"]
         free(device)
     if row["status"] == "ok" and prior is not None and args.profile:
-        path = Path(args.profile) / f"{name}_{_slug(shape)}_{precision}.txt"
+        path = Path(args.profile) / f"{name}_{_slug(shape)}_{precision}{'' if batch == 1 else f'_b{batch}'}.txt"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             profile_step(solver, prior, step_network(prior), operator, y, device, path, args.seed)
@@ -227,19 +251,19 @@ def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, ar
             row["profile_error"] = failure(err, "profile: ")["error"]
         free(device)
     if row["status"] != "ok":
-        logger.warning("%s / %s / %s: %s", name, shape, precision, row["error"])
+        logger.warning("%s / %s / %s / batch %d: %s", name, shape, precision, batch, row["error"])
     row["peak_rss_mib"] = peak_rss_mb()
     return row
 
 
-def pinv_row(args, device: torch.device) -> dict:
-    """The pseudo-inverse row (no prior) at args.pinv_size."""
-    overrides = row_overrides(METHODS["pinv", None], None, args.pinv_size, "fp32", False, args)
+def pinv_row(args, device: torch.device, batch_size: int = 1) -> dict:
+    """The pseudo-inverse row (no prior) at args.pinv_size, `batch_size` images per call."""
+    overrides = row_overrides(METHODS["pinv", None], None, args.pinv_size, "fp32", False, args, batch_size=batch_size)
     try:
         cfg = compose_run_config(overrides)
     except Exception as err:  # noqa: BLE001
-        head = {"solver": "pinv", "prior": "none", "precision": "fp32", "overrides": overrides}
-        return {**head, **failure(err, "config: ")}
+        head = {"solver": "pinv", "prior": "none", "precision": "fp32", "batch_size": batch_size}
+        return {**head, "overrides": overrides, **failure(err, "config: ")}
     row = run_solver("pinv", cfg, None, "none", "fp32", args, device)
     return {**row, "overrides": overrides, "config": row_config(cfg)}
 
@@ -268,7 +292,8 @@ def run_group(
     over_budget: Callable[[], bool],
 ) -> None:
     """Build one random checkpoint of conf/prior/<prior>.yaml's shapes, then run every solver on it at every
-    precision (and gradient checkpointing choice); rows with the same prior config share one load."""
+    precision (and gradient checkpointing choice) and batch size; rows with the same prior config share one load.
+    A solver that runs out of memory at one batch size skips its larger ones at that precision."""
     folder = workdir / prior
     t0 = time.perf_counter()
     try:
@@ -280,16 +305,16 @@ def run_group(
     build_s = time.perf_counter() - t0
     for prec, ckpt in ((p, c) for p in args.precisions for c in args.checkpointing):
         label = f"{prec}+ckpt" if ckpt else prec
-        if over_budget():
-            for s in solvers:
-                add({"solver": s, "prior": info["shape"], "precision": label, "status": "skipped", "error": "budget"})
-            continue
-        loaded_key, loaded, load_error, extra = None, None, None, {}
-        for s in solvers:
-            prompt = SOLVERS[s] == "vq"
-            overrides = row_overrides(METHODS[s, prior], folder, info["image_size"], prec, ckpt, args, prompt,
-                                      PRIOR_OVERRIDES.get(prior, ()))
-            head = {"solver": s, "prior": info["shape"], "precision": label, "overrides": overrides}
+        loaded_key, loaded, load_error, extra, oom_at = None, None, None, {}, {}
+        for s, b in ((s, b) for s in solvers for b in args.batch_sizes):
+            head = {"solver": s, "prior": info["shape"], "precision": label, "batch_size": b}
+            if over_budget() or s in oom_at:
+                reason = f"out of memory at batch {oom_at[s]}" if s in oom_at else "budget"
+                add({**head, "status": "skipped", "error": reason})
+                continue
+            overrides = row_overrides(METHODS[s, prior], folder, info["image_size"], prec, ckpt, args,
+                                      SOLVERS[s] == "vq", PRIOR_OVERRIDES.get(prior, ()), batch_size=b)
+            head["overrides"] = overrides
             try:
                 cfg = compose_run_config(overrides)
             except Exception as err:  # noqa: BLE001
@@ -312,6 +337,8 @@ def run_group(
                 add({**head, **load_error})
                 continue
             row = run_solver(s, cfg, loaded, info["shape"], label, args, device)
+            if row["status"] == "oom":
+                oom_at[s] = b
             add({**row, **extra, "checkpointing": ckpt, "overrides": overrides, "config": row_config(cfg)})
         del loaded
         free(device)
