@@ -286,6 +286,8 @@ def test_transformer_continue_starts_from_the_exported_transformer(tmp_path):
                + ["--transformer-continue", "--lr-transformer", "0"])
     after = load_file(path)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the shipped config must not record the folder it was continued from
+    assert "_name_or_path" not in json.loads((path.parent / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="--stage transformer first"):
         empty = tmp_path / "only_vq"
         train.main(_smoke_args(empty, tmp_path / "work3", "vq", 0.01))

@@ -14,6 +14,7 @@ q(z_t | z_0)); Ho et al. 2020 (DDPM).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import types
 from pathlib import Path
@@ -278,6 +279,11 @@ def save_fp16(model: nn.Module, path: str | Path) -> int:
         if not torch.isfinite(p).all():
             raise ValueError(f"non-finite weights after fp16 conversion of {type(model).__name__}; not saving")
     half.save_pretrained(str(path), safe_serialization=True)
+    # a model continued from a folder (--vq-continue, --transformer-continue) would record that folder's path
+    config = Path(path) / "config.json"
+    fields = json.loads(config.read_text())
+    if fields.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     return sum(p.numel() for p in model.parameters())
 
 
