@@ -204,13 +204,7 @@ class AmusedPrior(CodebookPrior):
         `t` is unused (the U-ViT has no timestep input). Unmasked tokens are kept with probability 1.
         """
         batch = tokens_t.shape[0]
-        if self.prompt_from_data:
-            if self.cond_hidden is None:
-                raise RuntimeError("this prior takes per-image prompts: call set_prompts(prompts) before log_p_x0")
-            if self.cond_hidden.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"set_prompts gave {self.cond_hidden.shape[0]} prompts for a batch of {batch} token maps"
-                )
+        self._check_prompts(self.cond_hidden, batch)
         masked = tokens_t == self.mask_id  # (B, N)
         ids = torch.where(masked, self.mask_token_id, tokens_t).reshape(batch, *self.token_shape)  # (B, h, w)
         with network_autocast(self.precision, tokens_t.device):

@@ -86,6 +86,15 @@ class CodebookPrior(DiscretePrior):
                 self._prompt_embeddings[p] = self._embed_text(p)
         self._use_prompt_embeddings([self._prompt_embeddings[p] for p in prompts])
 
+    def _check_prompts(self, cond: torch.Tensor | None, batch: int) -> None:
+        """With per-image prompts: `set_prompts` was called, with one prompt (or one per image) for this batch."""
+        if not self.prompt_from_data:
+            return
+        if cond is None:
+            raise RuntimeError("this prior takes per-image prompts: call set_prompts(prompts) before log_p_x0")
+        if cond.shape[0] not in (1, batch):
+            raise ValueError(f"set_prompts gave {cond.shape[0]} prompts for a batch of {batch} token maps")
+
     # ---------------------------------------------------------------- VQ decoder / encoder
     def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, N, d) code vectors -> images on the [-1, 1] scale. VQModel.decode(force_not_quantize=True)

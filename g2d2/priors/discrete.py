@@ -194,13 +194,7 @@ class VQDiffusionPrior(CodebookPrior):
     def log_p_x0(self, tokens_t: torch.Tensor, t: int) -> torch.Tensor:
         """log p_theta(z0 | z_t) with classifier-free guidance; (B, N) long -> (B, K, N) float32."""
         batch = tokens_t.shape[0]
-        if self.prompt_from_data:
-            if self.cond_embedding is None:
-                raise RuntimeError("this prior takes per-image prompts: call set_prompts(prompts) before log_p_x0")
-            if self.cond_embedding.shape[0] not in (1, batch):
-                raise ValueError(
-                    f"set_prompts gave {self.cond_embedding.shape[0]} prompts for a batch of {batch} token maps"
-                )
+        self._check_prompts(self.cond_embedding, batch)
         # one timestep per batch (ada_norm), a view of a device table: no host-to-device copy per step
         timestep = self._timestep_ids(tokens_t.device)[int(t)]
         with network_autocast(self.precision, tokens_t.device):
