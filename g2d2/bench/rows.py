@@ -19,13 +19,19 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from g2d2.bench import models, timing
 from g2d2.bench.profiling import profile_step
 from g2d2.experiment.cli import CONF_DIR
-from g2d2.experiment.runner import build_prior, build_solver, check_config, check_prior, image_generator
+from g2d2.experiment.runner import (
+    build_prior,
+    build_solver,
+    check_config,
+    check_prior,
+    image_generator,
+    pose_batch,
+)
 from g2d2.experiment.tracking import measure_cost, peak_rss_mb
 from g2d2.operators.base import per_image
 from g2d2.priors.base import DiscretePrior
@@ -159,17 +165,11 @@ def throughput(s_per_step: float, num_steps: int, batch_size: int) -> dict:
 
 
 def pose_problem(cfg: DictConfig, device: torch.device) -> tuple:
-    """(operator, y) of one batch of `python scripts/run.py <overrides>`: images 0 .. cfg.batch_size-1, posed as
-    g2d2.experiment.runner poses a batch (each image's operator draw and measurement noise from its own
-    image_generator(seed, index); one operator for the batch by per_image). Random images stand in for the data:
-    their content does not change the cost."""
-    operators, images, generators = [], [], [image_generator(cfg.seed, i) for i in range(cfg.batch_size)]
-    for gen in generators:
-        operators.append(instantiate(cfg.task.operator, generator=gen).to(device))
-        images.append(torch.rand(1, *operators[-1].image_shape, generator=gen) * 2 - 1)
-    x = torch.cat(images).to(device)  # (B, 3, H, W)
-    y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, gen)
-                   for j, (op, gen) in enumerate(zip(operators, generators, strict=True))])
+    """(operator, y) of one batch of `python scripts/run.py <overrides>`: images 0 .. cfg.batch_size-1, posed by
+    the runner's own `pose_batch`. Random images stand in for the data: their content does not change the cost."""
+    size = cfg.data.image_size
+    x = (torch.rand(cfg.batch_size, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1)
+    operators, _, y = pose_batch(cfg, x.to(device), list(range(cfg.batch_size)), device)
     return per_image(operators), y
 
 

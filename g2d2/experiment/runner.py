@@ -398,20 +398,31 @@ class _Solved:
     operators: list[LinearOperator]
 
 
+def pose_batch(
+    cfg: DictConfig, x: torch.Tensor, indices: list[int], device: torch.device
+) -> tuple[list[LinearOperator], list[torch.Generator], torch.Tensor]:
+    """The problems of the images `indices` (ground truths x, (B, 3, H, W) on `device`): their operators, their
+    generators and the measurements y (B, ...).
+
+    Each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own generator seeded
+    by (seed, index): the problem posed for image i does not depend on batch_size. The solver's draws continue
+    the first image's generator (with batch_size=1, per image).
+    """
+    generators = [image_generator(cfg.seed, i) for i in indices]
+    operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
+    pairs = enumerate(zip(operators, generators, strict=True))
+    y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
+    return operators, generators, y
+
+
 def _solve_batch(job: _Job, batch: list[int], tracker: Any) -> _Solved:
     """Pose and solve the problems of one batch of image indices, and score the reconstructions."""
     cfg, device = job.cfg, job.device
     names, images = zip(*(job.data[i] for i in batch), strict=True)
     x = torch.stack(images).to(device)
-    # each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own
-    # generator seeded by (seed, index): the problem posed for image i does not depend on batch_size.
-    # The solver's draws continue the first image's generator (with batch_size=1, per image).
-    generators = [image_generator(cfg.seed, i) for i in batch]
     if job.prompts is not None:
         job.prior.set_prompts([job.prompts[i] for i in batch])
-    operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
-    pairs = enumerate(zip(operators, generators, strict=True))
-    y = torch.cat([op.measure(x[j : j + 1], cfg.task.sigma, g) for j, (op, g) in pairs])
+    operators, generators, y = pose_batch(cfg, x, batch, device)
     operator = per_image(operators)
     x_hat = view = scores = error = None
     with measure_cost(device) as cost:
