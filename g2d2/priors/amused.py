@@ -156,17 +156,7 @@ class AmusedPrior(CodebookPrior):
         # 4. text conditioning: pooled (1, P) and hidden (1, L, D) embeddings, encoded once on the CPU in float32
         self.prompt, self.guidance_scale = prompt, float(guidance_scale)
         self.prompt_from_data = bool(prompt_from_data)
-        self._text = {"tokenizer": tokenizer, "encoder": freeze(encoder.float())}
-        self._prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        uncond_pooled, uncond_hidden = self._embed_text("")
-        cond_pooled, cond_hidden = self._embed_text(prompt) if prompt else (None, None)
-        if not prompt_from_data:  # the prompt is fixed: free the text encoder
-            self._text = {}
-        cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
-        self.register_buffer("uncond_pooled", cast(uncond_pooled), persistent=False)  # (1, P)
-        self.register_buffer("uncond_hidden", cast(uncond_hidden), persistent=False)  # (1, L, D)
-        self.register_buffer("cond_pooled", cast(cond_pooled), persistent=False)  # (1 or B, P) or None
-        self.register_buffer("cond_hidden", cast(cond_hidden), persistent=False)  # (1 or B, L, D) or None
+        self._set_text_conditioning(tokenizer, encoder, dtype)
 
         # 5. micro-conditioning, as AmusedPipeline builds it: (1, 5) in the text embeddings' dtype
         micro = [self.image_size, self.image_size, crop_coord[0], crop_coord[1], aesthetic_score]
@@ -181,6 +171,21 @@ class AmusedPrior(CodebookPrior):
         )
 
     # ---------------------------------------------------------------- text
+    def _set_text_conditioning(self, tokenizer, encoder, dtype: torch.dtype) -> None:  # noqa: ANN001 - CLIP classes
+        """The buffers uncond_pooled / uncond_hidden (the empty prompt's) and cond_pooled / cond_hidden (the fixed
+        prompt's, or None); keeps the text encoder for per-image prompts."""
+        self._text = {"tokenizer": tokenizer, "encoder": freeze(encoder.float())}
+        self._prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        uncond_pooled, uncond_hidden = self._embed_text("")
+        cond_pooled, cond_hidden = self._embed_text(self.prompt) if self.prompt else (None, None)
+        if not self.prompt_from_data:  # the prompt is fixed: free the text encoder
+            self._text = {}
+        cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+        self.register_buffer("uncond_pooled", cast(uncond_pooled), persistent=False)  # (1, P)
+        self.register_buffer("uncond_hidden", cast(uncond_hidden), persistent=False)  # (1, L, D)
+        self.register_buffer("cond_pooled", cast(cond_pooled), persistent=False)  # (1 or B, P) or None
+        self.register_buffer("cond_hidden", cast(cond_hidden), persistent=False)  # (1 or B, L, D) or None
+
     @torch.no_grad()
     def _embed_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_embeds (1, P), hidden_states[-2] (1, L, D)) of CLIPTextModelWithProjection, as AmusedPipeline."""

@@ -121,6 +121,20 @@ class VQDiffusionPrior(CodebookPrior):
         # 3. text conditioning (optional): fixed text inputs, computed once
         self.prompt, self.guidance_scale = prompt, float(guidance_scale)
         self.prompt_from_data = bool(prompt_from_data)
+        self._set_text_conditioning(root, dtype, kw["low_cpu_mem_usage"])
+
+        # 4. codebook, frozen networks, device
+        self._freeze(gradient_checkpointing, device)
+        logger.info(
+            "VQ-Diffusion prior from %s: K=%d codes, tokens %s, T=%d, prompt=%r, guidance=%g, %s",
+            root, self.num_codes, self.token_shape, self.num_timesteps, prompt, guidance_scale, precision,
+        )
+
+    # ---------------------------------------------------------------- text
+    def _set_text_conditioning(self, root: Path, dtype: torch.dtype, low_cpu_mem_usage: bool) -> None:
+        """The buffers cond_embedding (the fixed prompt's) and uncond_embedding (the learned null text, or the
+        empty prompt's), None for an unconditional transformer; keeps the text encoder for per-image prompts."""
+        prompt, prompt_from_data = self.prompt, self.prompt_from_data
         # tokenizer + text encoder, in a plain dict (not a submodule: .to(device) leaves the encoder on the CPU)
         self._text: dict[str, object] = {}
         self._prompt_embeddings: dict[str, torch.Tensor] = {}  # per-image prompts, encoded once (CPU)
@@ -132,7 +146,7 @@ class VQDiffusionPrior(CodebookPrior):
                     f"{root} is unconditional"
                 )
         else:
-            uncond = self._learned_null_embedding(root, kw["low_cpu_mem_usage"])
+            uncond = self._learned_null_embedding(root, low_cpu_mem_usage)
             if prompt or prompt_from_data or uncond is None:
                 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -152,14 +166,6 @@ class VQDiffusionPrior(CodebookPrior):
         self.register_buffer("cond_embedding", cond, persistent=False)  # (1, L, D) or None
         self.register_buffer("uncond_embedding", uncond, persistent=False)  # (1, L, D) or None
 
-        # 4. codebook, frozen networks, device
-        self._freeze(gradient_checkpointing, device)
-        logger.info(
-            "VQ-Diffusion prior from %s: K=%d codes, tokens %s, T=%d, prompt=%r, guidance=%g, %s",
-            root, self.num_codes, self.token_shape, self.num_timesteps, prompt, guidance_scale, precision,
-        )
-
-    # ---------------------------------------------------------------- text
     @torch.no_grad()
     def _embed_text(self, text: str) -> torch.Tensor:
         """CLIP last hidden state, L2-normalised per token as in VQ-Diffusion: (1, L, D)."""
