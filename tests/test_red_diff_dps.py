@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from g2d2.noise.ddpm import DDPMTimesteps, ddpm_chain, linear_betas
 from g2d2.operators.base import LinearOperator
 from g2d2.priors.base import PixelPrior
+from g2d2.rng import device_generator
 from g2d2.solvers._pixel import randn_like
-from g2d2.solvers.base import NonFiniteError, device_generator
+from g2d2.solvers.base import NonFiniteError
 from g2d2.solvers.dps import DPS
 from g2d2.solvers.red_diff import REDDiff
 

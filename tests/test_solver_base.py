@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from g2d2.solvers.base import FiniteGuard, NonFiniteError, device_generator
+from g2d2.rng import device_generator
+from g2d2.solvers.base import FiniteGuard, NonFiniteError
 
 
 def test_guard_names_the_window_in_which_the_iterate_broke():

@@ -406,7 +406,7 @@ def pose_batch(
 
     Each image's operator draw (mask, kernel, CS signs) and measurement noise come from its own generator seeded
     by (seed, index): the problem posed for image i does not depend on batch_size. The solver's draws continue
-    the first image's generator (with batch_size=1, per image).
+    each image's generator (one stream per image, see g2d2.rng), so they do not depend on batch_size either.
     """
     generators = [image_generator(cfg.seed, i) for i in indices]
     operators = [instantiate(cfg.task.operator, generator=g).to(device) for g in generators]
@@ -428,7 +428,7 @@ def _solve_batch(job: _Job, batch: list[int], tracker: Any) -> _Solved:
     with measure_cost(device) as cost:
         try:
             callback = tracker.step_callback(batch[0], job.prior)
-            x_hat = job.solver.solve(job.prior, operator, y, generator=generators[0], progress=cfg.progress,
+            x_hat = job.solver.solve(job.prior, operator, y, generator=generators, progress=cfg.progress,
                                      callback=callback)
             check_finite(x_hat, "the reconstruction")
         except NonFiniteError as err:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from g2d2.noise.vq_schedule import markov_posterior_log_probs, sample_categorical
+from g2d2.rng import Generators
 
 if TYPE_CHECKING:
     from g2d2.priors.base import DiscretePrior
@@ -35,7 +36,7 @@ class MarkovPosterior:
         tokens_t: torch.Tensor,
         t: int,
         s: int,
-        generator: torch.Generator,
+        generator: Generators,
     ) -> torch.Tensor:
         """Move from time t to the earlier time s (s = -1: return a clean sample z0).
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from g2d2.noise.vq_schedule import sample_categorical_icdf, top_p_filter, uniform
+from g2d2.rng import Generators
 
 if TYPE_CHECKING:
     from g2d2.priors.base import DiscretePrior
@@ -60,7 +61,7 @@ class StarShaped:
         tokens_t: torch.Tensor,
         t: int,
         s: int,
-        generator: torch.Generator,
+        generator: Generators,
     ) -> torch.Tensor:
         """Move from time t to the earlier time s (s = -1: return the clean sample z0).
 

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from g2d2 import rng
+from g2d2.rng import Generators
+
 if TYPE_CHECKING:
     from g2d2.priors.base import DiscretePrior
 
@@ -152,18 +155,19 @@ def markov_posterior_log_probs(
     return mixed + log_q_t_s + log_sum_r
 
 
-def uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """U[0, 1) float32 draws from `generator` on the generator's own device, then moved to `device`."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
+    """U[0, 1) float32 draws of `shape` (batch first) from `generator`, one generator or one per image (see
+    g2d2.rng), on the generators' own device, then moved to `device`."""
+    return rng.rand(shape, generator).to(device)
 
 
-def gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+def gumbel(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
     """Standard Gumbel noise -log(-log u) (u clamped away from 0), drawn as in `uniform`."""
     u = uniform(shape, generator, device).clamp_min_(torch.finfo(torch.float32).tiny)
     return u.log_().neg_().log_().neg_()  # in place: the inner loop draws a (B, K, N) tensor per iteration
 
 
-def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical(log_probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Exact sample of Cat(softmax(log_probs)) along dim 1 by the Gumbel-max trick.
 
     Args:
@@ -174,7 +178,7 @@ def sample_categorical(log_probs: torch.Tensor, generator: torch.Generator) -> t
     return (log_probs + gumbel(tuple(log_probs.shape), generator, log_probs.device)).argmax(dim=1)
 
 
-def sample_categorical_icdf(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_categorical_icdf(log_probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Exact sample of Cat(softmax(log_probs)) along dim 1 by inverting the CDF.
 
     Same distribution as `sample_categorical`, but only one uniform per token (B * N draws instead of

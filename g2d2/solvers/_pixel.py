@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from g2d2 import rng
 from g2d2.noise.ddpm import DDPMTimesteps
 from g2d2.priors.base import PixelPrior
+from g2d2.rng import Generators
 
 
 def check_noise_schedule(solver: object, noise_schedule: object | None) -> DDPMTimesteps:
@@ -14,9 +16,7 @@ def check_noise_schedule(solver: object, noise_schedule: object | None) -> DDPMT
     if noise_schedule is None:
         return DDPMTimesteps()
     if not isinstance(noise_schedule, DDPMTimesteps):
-        raise TypeError(
-            f"{name} needs a DDPM time grid (noise_schedule=ddpm), got {type(noise_schedule).__name__}"
-        )
+        raise TypeError(f"{name} needs a DDPM time grid (noise_schedule=ddpm), got {type(noise_schedule).__name__}")
     return noise_schedule
 
 
@@ -30,8 +30,8 @@ def check_prior(solver: object, prior: object) -> PixelPrior:
     return prior
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn with `generator` on its own device (the solvers pass a
-    generator on x's device, so nothing is copied from the host), in x's dtype and device."""
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(device=x.device, dtype=x.dtype)
+def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like x (batch first), drawn with `generator` (one, or one per image: see
+    g2d2.rng) on its own device (the solvers pass generators on x's device, so nothing is copied from the host),
+    in x's dtype and device."""
+    return rng.randn(tuple(x.shape), generator).to(device=x.device, dtype=x.dtype)

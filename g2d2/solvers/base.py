@@ -6,11 +6,13 @@ instantiated `noise_schedule` object, and then solves one batch at a time:
     x_hat = solver.solve(prior, operator, y, generator=g, progress=True, callback=None)
 
 It receives everything it needs as arguments (dependency injection): it never reads the global
-config, writes files or plots. All its randomness comes from `generator` (a CPU torch.Generator):
-a solver draws one seed from it and makes the generator of its per-step draws on the device it
-solves on (`device_generator`), so a step never draws on the CPU and copies to the GPU (a copy from
-pageable host memory synchronises the stream). Results are deterministic under the seed on a given
-device; CPU and CUDA runs draw different numbers.
+config, writes files or plots. All its randomness comes from `generator`: one CPU torch.Generator, or
+one per image of the batch (what the runner passes; image b's draws then come from generator b, so a
+batched solve equals the images' solves one by one, see g2d2.rng). A solver draws one seed from each
+and makes the generator(s) of its per-step draws on the device it solves on (`g2d2.rng.device_generator`),
+so a step never draws on the CPU and copies to the GPU (a copy from pageable host memory synchronises the
+stream). Results are deterministic under the seeds on a given device; CPU and CUDA runs draw different
+numbers.
 
 Inside the step loop a solver reads nothing back from the device: schedule values are Python floats
 computed before the loop, and NaN/Inf checks go through `FiniteGuard`, which synchronises only every
@@ -32,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from g2d2.operators.base import LinearOperator
+from g2d2.rng import Generators
 
 #: `callback(step, t, state)` of `Solver.solve` (see the module docstring)
 StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
@@ -52,7 +55,7 @@ class Solver:
         prior: torch.nn.Module | None,
         operator: LinearOperator,
         y: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         progress: bool = False,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
@@ -62,19 +65,13 @@ class Solver:
             prior: the prior (a DiscretePrior or PixelPrior, per `prior_kind`), or None.
             operator: the task's linear operator A.
             y: the measurement, shape of `operator.forward` output, batch B.
-            generator: CPU generator for every random draw.
+            generator: CPU generator for every random draw, or one per image (batch B).
             progress: show a tqdm progress bar.
             callback: called after every step with (step, t, state); see the module docstring.
         Returns:
             (B, C, H, W) reconstruction in [-1, 1].
         """
         raise NotImplementedError
-
-
-def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
-    """A generator on `device` seeded by one draw from the CPU `generator` (advances it by one draw)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 class FiniteGuard:
@@ -121,6 +118,4 @@ def check_finite(x: torch.Tensor, what: str, step: int | None = None) -> None:
     """Raise NonFiniteError naming `what` (and the step) when x holds NaN or Inf."""
     if not torch.isfinite(x).all():
         where = f" at step {step}" if step is not None else ""
-        raise NonFiniteError(
-            f"{what} became NaN/Inf{where}; lower the learning rate / step size or check the prior"
-        )
+        raise NonFiniteError(f"{what} became NaN/Inf{where}; lower the learning rate / step size or check the prior")

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from g2d2.noise.ddpm import DDPMChain, ddpm_chain
 from g2d2.operators.base import LinearOperator
+from g2d2.rng import Generators, device_generator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback
 
 
 def respaced_log_variance(log_var: torch.Tensor, t: int, full: DDPMChain, chain: DDPMChain, i: int) -> torch.Tensor:
@@ -74,7 +75,7 @@ class DPS(Solver):
         prior: torch.nn.Module | None,
         operator: LinearOperator,
         y: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         progress: bool = False,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:

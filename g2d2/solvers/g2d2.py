@@ -22,10 +22,10 @@ Choices made here (documented deviations or readings of the reference):
   plus q_j (the exact form's -logsumexp(alpha) term, whose gradient is -q_j, is missing), i.e. the loss
   gradient carries an extra +lambda_i softmax(alpha)_j. This changes the optimisation, and the
   public presets (lr0, lambda0) were tuned with "public", so the paper-reproduction configs select it.
-- Every draw of a solve (the inner loop's Gumbel noise and the re-noising) comes from one generator
-  on the solve's device seeded once from the passed CPU generator (`device_generator`):
-  deterministic under that generator, with no host-side draws and copies in the loop, but the
-  numbers differ between CPU and CUDA runs.
+- Every draw of a solve (the inner loop's Gumbel noise and the re-noising) comes from generator(s)
+  on the solve's device seeded once from the passed CPU generator(s) (`g2d2.rng.device_generator`;
+  one per image makes image b's draws those of its solve alone): deterministic under the seeds, with
+  no host-side draws and copies in the loop, but the numbers differ between CPU and CUDA runs.
 - NaN/Inf: alpha* of every outer step is folded into a device-side flag (`FiniteGuard`; a NaN in any
   inner iterate persists in alpha through RAdam) that is read every `check_every` outer steps and at
   the end, so neither loop synchronises with the host in between.
@@ -43,7 +43,8 @@ from g2d2.noise.star import StarShaped
 from g2d2.noise.vq_schedule import gumbel
 from g2d2.operators.base import LinearOperator
 from g2d2.priors.base import DiscretePrior
-from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, check_finite, device_generator
+from g2d2.rng import Generators, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ class G2D2(Solver):
         """
         steps = min(self.num_steps, num_timesteps)
         if steps < self.num_steps:
-            logger.warning("num_steps=%d > T=%d of the prior: running all %d timesteps", self.num_steps,
-                           num_timesteps, steps)
+            logger.warning(
+                "num_steps=%d > T=%d of the prior: running all %d timesteps", self.num_steps, num_timesteps, steps
+            )
         return [int(v) for v in np.round(np.linspace(num_timesteps, 0, steps + 1)[1:])]
 
     def step_sizes(self, num_steps: int | None = None) -> tuple[list[float], list[float]]:
@@ -145,7 +147,7 @@ class G2D2(Solver):
         prior: DiscretePrior,
         operator: LinearOperator,
         y: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         progress: bool = False,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
@@ -196,7 +198,7 @@ class G2D2(Solver):
         init: torch.Tensor,
         lr: float,
         kl_weight: float,
-        generator: torch.Generator,
+        generator: Generators,
     ) -> torch.Tensor:
         """Step 3 of the algorithm: fresh RAdam on alpha (B, K, N), returns the renormalised alpha*."""
         alpha = init.detach().clone().requires_grad_(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from g2d2.operators.base import LinearOperator
+from g2d2.rng import Generators
 from g2d2.solvers.base import Solver, StepCallback
 
 
@@ -24,7 +25,7 @@ class PseudoInverse(Solver):
         prior: torch.nn.Module | None,
         operator: LinearOperator,
         y: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         progress: bool = False,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from g2d2.noise.ddpm import DDPMTimesteps
 from g2d2.operators.base import LinearOperator
+from g2d2.rng import Generators, device_generator
 from g2d2.solvers._pixel import check_noise_schedule, check_prior, randn_like
-from g2d2.solvers.base import FiniteGuard, Solver, StepCallback, device_generator
+from g2d2.solvers.base import FiniteGuard, Solver, StepCallback
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class REDDiff(Solver):
         prior: torch.nn.Module | None,
         operator: LinearOperator,
         y: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         progress: bool = False,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
