@@ -11,7 +11,7 @@ from each), so a step never draws on the host and copies to the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,21 +27,23 @@ def device_generator(generator: Generators, device: torch.device | str) -> Gener
     return [device_generator(g, device) for g in generator]
 
 
-def _draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
-    """`fn(shape)` from one generator, or row b of the batch (dim 0) from generator b, on the generators' device."""
-    if isinstance(generator, torch.Generator):
-        return fn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    if len(generator) != shape[0]:
+def _draw(fill: str, shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """A float32 tensor of `shape` on the generators' device filled in place by `Tensor.<fill>_` from one
+    generator, or row b of the batch (dim 0) from generator b (written into its row: no concatenation)."""
+    single = isinstance(generator, torch.Generator)
+    if not single and len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} per-image generators for a batch of {shape[0]}: pass one per image")
-    rows = [fn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in generator]
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+    out = torch.empty(shape, dtype=torch.float32, device=(generator if single else generator[0]).device)
+    for row, g in [(out, generator)] if single else zip(out, generator, strict=True):
+        getattr(row, fill)(generator=g)
+    return out
 
 
 def rand(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
     """U[0, 1) float32 draws of `shape` (batch first), on the generators' device."""
-    return _draw(torch.rand, shape, generator)
+    return _draw("uniform_", shape, generator)
 
 
 def randn(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
     """Standard normal float32 draws of `shape` (batch first), on the generators' device."""
-    return _draw(torch.randn, shape, generator)
+    return _draw("normal_", shape, generator)

@@ -140,6 +140,24 @@ def test_relaxed_decode_gradient_matches_finite_differences(tiny_dirs):
         torch.testing.assert_close((grad * v).sum(), numeric, rtol=1e-6, atol=1e-9)
 
 
+def test_relaxed_decode_of_a_codes_last_layout_equals_the_codes_first_one(tiny_dirs):
+    """G2D2 passes probs as a (B, N, K) tensor seen as (B, K, N): decode and its gradient are those of the same
+    values stored (B, K, N)."""
+    prior = VQDiffusionPrior(str(tiny_dirs["uncond"]))
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(2, TINY_CODES, 64, generator=g), 1)
+    w = torch.randn(2, 3, 16, 16, generator=g)
+    first = probs.clone().requires_grad_(True)
+    last = probs.transpose(1, 2).contiguous().requires_grad_(True)
+    assert last.transpose(1, 2).stride(1) == 1
+    out_first, out_last = prior.decode(first), prior.decode(last.transpose(1, 2))
+    (w * out_first).sum().backward()
+    (w * out_last).sum().backward()
+    torch.testing.assert_close(out_last, out_first, rtol=0, atol=1e-5)
+    scale = first.grad.abs().max().item()
+    torch.testing.assert_close(last.grad.transpose(1, 2), first.grad, rtol=0, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_networks_keep_float32_outputs(tiny_dirs, precision):
     prior = VQDiffusionPrior(str(tiny_dirs["text"]), prompt=PROMPT, guidance_scale=2.0, precision=precision)

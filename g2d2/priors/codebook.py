@@ -97,22 +97,30 @@ class CodebookPrior(DiscretePrior):
 
     # ---------------------------------------------------------------- VQ decoder / encoder
     def _decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, N, d) code vectors -> images on the [-1, 1] scale. VQModel.decode(force_not_quantize=True)
-        written out (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot turn it into a lookup."""
+        """(B, d, N) code vectors, channels first -> images on the [-1, 1] scale. VQModel.decode(
+        force_not_quantize=True) written out (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot
+        turn it into a lookup."""
         h, w = self.token_shape
-        quant = emb.transpose(1, 2).reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype)  # (B, d, h, w), raster
+        quant = emb.reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype)  # (B, d, h, w), raster
         spatial = quant if self.vqvae.config.norm_type == "spatial" else None
         with network_autocast(self.precision, quant.device):
             image = self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
         return 2.0 * image - 1.0 if self.vq_range == "[0, 1]" else image
 
     def decode(self, probs: torch.Tensor) -> torch.Tensor:
-        """Relaxed decode: (B, K, N) probs -> probs^T E (B, N, d) -> decoder; differentiable w.r.t. probs.
+        """Relaxed decode: (B, K, N) probs -> E^T probs (B, d, N) -> decoder; differentiable w.r.t. probs.
 
-        Returns (B, 3, H, W) on the [-1, 1] scale, not clamped, float32 (float64 when probs are float64).
+        The product is a batched matmul on the memory layout probs has (an einsum would permute probs forward
+        and backward): E^T probs for a (B, K, N) tensor, (probs^T E)^T for a (B, N, K) one seen as (B, K, N)
+        (G2D2's working layout), whose gradient then comes back in that layout. Returns (B, 3, H, W) on the
+        [-1, 1] scale, not clamped, float32 (float64 when probs are float64).
         """
         out_dtype = torch.promote_types(probs.dtype, torch.float32)
-        emb = torch.einsum("bkn,kd->bnd", probs.to(out_dtype), self.codebook.to(out_dtype))
+        probs, codebook = probs.to(out_dtype), self.codebook.to(out_dtype)
+        if probs.stride(1) == 1 and probs.shape[1] > 1:  # codes contiguous: (B, N, K) memory
+            emb = (probs.transpose(1, 2) @ codebook).transpose(1, 2)  # (B, d, N)
+        else:
+            emb = codebook.T @ probs  # (B, d, N)
         return self._decode_embeddings(emb).to(out_dtype)
 
     @torch.no_grad()
@@ -120,7 +128,7 @@ class CodebookPrior(DiscretePrior):
         """(B, N) code ids -> (B, 3, H, W) float32 images clamped to [-1, 1]."""
         if (tokens >= self.num_codes).any() or (tokens < 0).any():
             raise ValueError(f"decode_tokens needs code ids in [0, {self.num_codes}), got mask or out-of-range ids")
-        return self._decode_embeddings(self.codebook[tokens]).float().clamp(-1.0, 1.0)
+        return self._decode_embeddings(self.codebook[tokens].transpose(1, 2)).float().clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,18 +52,19 @@ logger = logging.getLogger(__name__)
 KL_FORMS = ("exact", "public")
 
 
-def kl_to_prior(alpha: torch.Tensor, pi_t: torch.Tensor, form: str = "exact") -> torch.Tensor:
-    """KL(q_alpha || p_theta(. | z_t)) per image, summed over tokens: alpha, pi_t (B, K, N) -> (B,).
+def kl_to_prior(alpha: torch.Tensor, pi_t: torch.Tensor, form: str = "exact", dim: int = 1) -> torch.Tensor:
+    """KL(q_alpha || p_theta(. | z_t)) per image, summed over tokens: alpha, pi_t (B, K, N) -> (B,) (`dim`, the
+    codes' dimension: 1 for (B, K, N), 2 for the solver's (B, N, K)).
 
     form "exact": sum q (log_softmax(alpha) - pi_t), the true KL. form "public": sum q (alpha - pi_t), as
     in the public G2D2 code; equal in value when alpha is normalised (logsumexp over K = 0), with gradient
     d/d alpha = that of "exact" + softmax(alpha) (see the module docstring).
     """
     if form == "exact":
-        log_q = torch.log_softmax(alpha, dim=1)
+        log_q = torch.log_softmax(alpha, dim=dim)
         return (log_q.exp() * (log_q - pi_t)).sum(dim=(1, 2))
     if form == "public":
-        return (torch.softmax(alpha, dim=1) * (alpha - pi_t)).sum(dim=(1, 2))
+        return (torch.softmax(alpha, dim=dim) * (alpha - pi_t)).sum(dim=(1, 2))
     raise ValueError(f"kl_form must be one of {', '.join(KL_FORMS)}, got {form!r}")
 
 
@@ -166,22 +167,24 @@ class G2D2(Solver):
         tokens = torch.full((batch, prior.num_tokens), prior.mask_id, dtype=torch.long, device=device)
         alpha_prev: torch.Tensor | None = None
         for i, t in enumerate(tqdm(times, desc="G2D2", disable=not progress, leave=False)):
-            # 1. prior prediction pi_t = log p_theta(z0 | z_t): (B, K, N), no grad, clamped at -70
-            pi_t = prior.log_p_x0(tokens, t)
+            # 1. prior prediction pi_t = log p_theta(z0 | z_t): (B, K, N), no grad, clamped at -70; kept as
+            #    (B, N, K) (see _optimise)
+            pi_t = prior.log_p_x0(tokens, t).transpose(1, 2).contiguous()
             # 2. init the variational logits: pi_t, then the forget-coefficient mixture with alpha*_{prev}
             if alpha_prev is None:
                 init = pi_t
             else:
-                init = torch.log_softmax(self.kappa * pi_t + (1.0 - self.kappa) * alpha_prev, dim=1)
+                init = torch.log_softmax(self.kappa * pi_t + (1.0 - self.kappa) * alpha_prev, dim=2)
             # 3. inner optimisation of the relaxed objective
             alpha = self._optimise(prior, operator, y, pi_t, init, lrs[i], kl_weights[i], step_gen)
             guard.update(alpha, i)
             alpha_prev = alpha
             # 5. re-noise with alpha* as log p(z0 | z_t, y): to the next time, or to z0 after t = 0
             s = times[i + 1] if i + 1 < len(times) else -1
-            tokens = self.noise_schedule.renoise(prior, alpha.clamp(min=-70.0), tokens, t, s, step_gen)
+            alpha_kn = alpha.transpose(1, 2)  # (B, K, N) view, as the noise schedules and callbacks take it
+            tokens = self.noise_schedule.renoise(prior, alpha_kn.clamp(min=-70.0), tokens, t, s, step_gen)
             if callback is not None:
-                callback(i, t, {"alpha": alpha, "tokens": tokens})
+                callback(i, t, {"alpha": alpha_kn, "tokens": tokens})
         guard.finish()
 
         # 6. hard decode of the final clean tokens
@@ -200,24 +203,30 @@ class G2D2(Solver):
         kl_weight: float,
         generator: Generators,
     ) -> torch.Tensor:
-        """Step 3 of the algorithm: fresh RAdam on alpha (B, K, N), returns the renormalised alpha*."""
+        """Step 3 of the algorithm: fresh RAdam on alpha, returns the renormalised alpha*.
+
+        Works in (B, N, K) (pi_t, init and the result too): every softmax / logsumexp then runs over the
+        contiguous last dimension, and the relaxed decode gets probs as a transposed (B, K, N) view, which its
+        batched matmul reads without a copy. Image b's Gumbel noise comes from its own generator (g2d2.rng).
+        """
         alpha = init.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.RAdam([alpha], lr=lr)
+        # foreach: the multi-tensor kernels, the same update in fewer passes over (B, K, N) (default only on CUDA)
+        optimizer = torch.optim.RAdam([alpha], lr=lr, foreach=True)
         with torch.enable_grad():
             for _ in range(self.inner_iters):
                 # 3a. one soft Gumbel-softmax sample per iteration (no straight-through)
                 g = gumbel(tuple(alpha.shape), generator, alpha.device).add_(alpha)
-                s = torch.softmax(g if self.tau == 1.0 else g / self.tau, dim=1)
+                s = torch.softmax(g if self.tau == 1.0 else g / self.tau, dim=2)
                 # 3b. relaxed decode and data term ||y - A x||_2 per image (plain norm)
-                x = prior.decode(s)
+                x = prior.decode(s.transpose(1, 2))
                 data = (y - operator.forward(x)).flatten(1).norm(dim=1)  # (B,)
                 # 3c. KL(q_alpha || p_theta(. | z_t)) summed over tokens, per image
-                kl = kl_to_prior(alpha, pi_t, self.kl_form)  # (B,)
+                kl = kl_to_prior(alpha, pi_t, self.kl_form, dim=2)  # (B,)
                 loss = (data + kl_weight * kl).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 # 3d. renormalise alpha to log-probabilities
                 with torch.no_grad():
-                    alpha -= torch.logsumexp(alpha, dim=1, keepdim=True)
+                    alpha -= torch.logsumexp(alpha, dim=2, keepdim=True)
         return alpha.detach()
