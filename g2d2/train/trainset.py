@@ -283,6 +283,85 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 2) -> tor
     return y.reshape(n, c, h, w)
 
 
+class _Draws:
+    """The random draws of `dead_leaves` from one generator: uniforms, and colours from a palette (or uniform)."""
+
+    def __init__(self, generator: torch.Generator, palette: torch.Tensor | None) -> None:
+        self.generator, self.palette, self.device = generator, palette, generator.device
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def colours(self, *shape: int) -> torch.Tensor:
+        """(*shape, 3) colours in [-1, 1]."""
+        if self.palette is None:
+            return self.rand(*shape, 3) * 2 - 1
+        idx = torch.randint(0, self.palette.shape[0], shape, generator=self.generator, device=self.device)
+        return self.palette[idx]
+
+
+def _gradient_background(draw: _Draws, n: int, size: int, yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """(n, 3, S, S): a linear gradient between two colours in a random direction."""
+    ang = draw.rand(n, 1, 1) * 2 * math.pi
+    ramp = ((xx - size / 2) * torch.cos(ang) + (yy - size / 2) * torch.sin(ang)) / size + 0.5  # (n, S, S)
+    c0, c1 = draw.colours(n), draw.colours(n)
+    return c0[:, :, None, None] + (c1 - c0)[:, :, None, None] * ramp[:, None]
+
+
+def _texture_field(draw: _Draws, n: int, size: int) -> torch.Tensor:
+    """(n, 1, S, S): one smooth noise field per image, shared by its noise-textured shapes."""
+    tex = F.interpolate(draw.randn(n, 1, 8, 8), size=(size, size), mode="bicubic", align_corners=False)
+    return tex + 0.5 * F.interpolate(draw.randn(n, 1, 32, 32), size=(size, size), mode="bilinear",
+                                     align_corners=False)
+
+
+def _leaf_shapes(draw: _Draws, n: int, k: int, size: int, rmin: float, rmax: float) -> dict[str, torch.Tensor]:
+    """The parameters of k shapes per image, (n, k) each (colours (n, k, 3)); radii by inverse CDF of
+    p(r) ~ r^-3 on [rmin, rmax]; texture type: flat < .4 <= gradient < .7 <= grating < .85 <= noise."""
+    r = (rmin ** -2 - draw.rand(n, k) * (rmin ** -2 - rmax ** -2)) ** -0.5
+    cy, cx = draw.rand(n, k) * (size + 16) - 8, draw.rand(n, k) * (size + 16) - 8
+    elong = torch.exp((draw.rand(n, k) - 0.5) * 1.2)
+    theta = draw.rand(n, k) * math.pi
+    is_rect = draw.rand(n, k) < 0.35
+    base = draw.colours(n, k)
+    kind = draw.rand(n, k)
+    grad = (draw.colours(n, k) - base) * (kind >= 0.4)[..., None] * (kind < 0.7)[..., None]
+    grad_dir = draw.rand(n, k) * 2 * math.pi
+    grating = (0.05 + 0.25 * draw.rand(n, k)) * ((kind >= 0.7) & (kind < 0.85))
+    grating_freq = 0.05 + 0.3 * draw.rand(n, k)  # cycles per pixel
+    grating_phase = draw.rand(n, k) * 2 * math.pi
+    noise_amp = (0.05 + 0.3 * draw.rand(n, k)) * (kind >= 0.85)
+    return dict(r=r, cy=cy, cx=cx, ax_a=r * elong, ax_b=r / elong, theta=theta, is_rect=is_rect, base=base,
+                grad=grad, grad_dir=grad_dir, grating=grating, grating_freq=grating_freq, grating_phase=grating_phase,
+                noise_amp=noise_amp)
+
+
+def _composite(canvas: torch.Tensor, shapes: dict[str, torch.Tensor], sl: slice, yy: torch.Tensor,
+               xx: torch.Tensor, tex: torch.Tensor) -> torch.Tensor:
+    """Paint the shapes `sl` over canvas (n, 3, S, S), bottom to top, anti-aliased: out = sum_k w_k c_k(x) +
+    T canvas, with w_k = alpha_k prod_{j>k} (1 - alpha_j), T = prod_j (1 - alpha_j) and
+    c_k(x) = base_k + grad_k proj_k(x) + (stripes_k(x) + noise_k tex(x)) (the last two grey)."""
+    p = {key: value[:, sl, None, None] for key, value in shapes.items() if value.dim() == 2}  # (n, m, 1, 1)
+    dy, dx = yy - p["cy"], xx - p["cx"]  # (n, m, S, S)
+    ct, st = torch.cos(p["theta"]), torch.sin(p["theta"])
+    u, v = dx * ct + dy * st, -dx * st + dy * ct
+    a, b = p["ax_a"], p["ax_b"]
+    ell = torch.sqrt((u / a) ** 2 + (v / b) ** 2)
+    rect = torch.maximum(u.abs() / a, v.abs() / b)
+    d = torch.where(p["is_rect"], rect, ell)
+    alpha = (0.5 - (d - 1) * torch.minimum(a, b)).clamp(0, 1)  # coverage (n, m, S, S)
+    proj = (dx * torch.cos(p["grad_dir"]) + dy * torch.sin(p["grad_dir"])) / (2 * p["r"])
+    stripes = p["grating"] * torch.sin(2 * math.pi * p["grating_freq"] * u + p["grating_phase"])
+    keep = torch.flip(torch.cumprod(torch.flip(1 - alpha, [1]), 1), [1])  # prod_{j>=k}  (n, m, S, S)
+    w = alpha * torch.cat([keep[:, 1:], torch.ones_like(keep[:, :1])], 1)  # (n, m, S, S)
+    mod = (w * (stripes + p["noise_amp"] * tex)).sum(1, keepdim=True)  # (n, 1, S, S)
+    return (keep[:, :1] * canvas + mod + torch.einsum("nmhw,nmc->nchw", w, shapes["base"][:, sl])
+            + torch.einsum("nmhw,nmc->nchw", w * proj, shapes["grad"][:, sl]))
+
+
 def dead_leaves(n: int, size: int, generator: torch.Generator, palette: torch.Tensor | None = None,
                 num_shapes: int = 64, rmin: float = 3.0, rmax: float | None = None,
                 chunk: int = 32, blur_max: float = 0.8, noise_max: float = 0.02) -> torch.Tensor:
@@ -301,76 +380,17 @@ def dead_leaves(n: int, size: int, generator: torch.Generator, palette: torch.Te
     Returns:
         (n, 3, size, size) float32 in [-1, 1] on the generator's device.
     """
-    dev = generator.device
-    rmax = float(size) if rmax is None else rmax
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device=dev)
-
-    def colours(*shape: int) -> torch.Tensor:  # (*shape, 3)
-        if palette is None:
-            return rand(*shape, 3) * 2 - 1
-        idx = torch.randint(0, palette.shape[0], shape, generator=generator, device=dev)
-        return palette[idx]
-
-    grid = torch.arange(size, dtype=torch.float32, device=dev) + 0.5
+    draw = _Draws(generator, palette)
+    grid = torch.arange(size, dtype=torch.float32, device=generator.device) + 0.5
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")  # (S, S)
-    # background: a linear gradient between two colours
-    ang = rand(n, 1, 1) * 2 * math.pi
-    ramp = ((xx - size / 2) * torch.cos(ang) + (yy - size / 2) * torch.sin(ang)) / size + 0.5  # (n, S, S)
-    c0, c1 = colours(n), colours(n)
-    canvas = c0[:, :, None, None] + (c1 - c0)[:, :, None, None] * ramp[:, None]  # (n, 3, S, S)
-    # shared smooth noise field per image for noise-textured shapes
-    tex = F.interpolate(torch.randn(n, 1, 8, 8, generator=generator, device=dev), size=(size, size),
-                        mode="bicubic", align_corners=False)
-    tex = tex + 0.5 * F.interpolate(torch.randn(n, 1, 32, 32, generator=generator, device=dev),
-                                    size=(size, size), mode="bilinear", align_corners=False)
-    # shape parameters, (n, K) each; radii by inverse CDF of p(r) ~ r^-3 on [rmin, rmax]
-    k = num_shapes
-    r = (rmin ** -2 - rand(n, k) * (rmin ** -2 - rmax ** -2)) ** -0.5
-    cy, cx = rand(n, k) * (size + 16) - 8, rand(n, k) * (size + 16) - 8
-    elong = torch.exp((rand(n, k) - 0.5) * 1.2)
-    ax_a, ax_b = r * elong, r / elong
-    theta = rand(n, k) * math.pi
-    is_rect = rand(n, k) < 0.35
-    base = colours(n, k)  # (n, K, 3)
-    kind = rand(n, k)  # texture type: flat < .4 <= gradient < .7 <= grating < .85 <= noise
-    grad = (colours(n, k) - base) * (kind >= 0.4)[..., None] * (kind < 0.7)[..., None]
-    grad_dir = rand(n, k) * 2 * math.pi
-    grating = (0.05 + 0.25 * rand(n, k)) * ((kind >= 0.7) & (kind < 0.85))
-    grating_freq = 0.05 + 0.3 * rand(n, k)  # cycles per pixel
-    grating_phase = rand(n, k) * 2 * math.pi
-    noise_amp = (0.05 + 0.3 * rand(n, k)) * (kind >= 0.85)
-
-    for s in range(0, k, chunk):
-        sl = slice(s, min(s + chunk, k))
-
-        def p(t: torch.Tensor, sl: slice = sl) -> torch.Tensor:
-            return t[:, sl, None, None]  # (n, m, 1, 1)
-
-        dy, dx = yy - p(cy), xx - p(cx)  # (n, m, S, S)
-        ct, st = torch.cos(p(theta)), torch.sin(p(theta))
-        u, v = dx * ct + dy * st, -dx * st + dy * ct
-        a, b = p(ax_a), p(ax_b)
-        ell = torch.sqrt((u / a) ** 2 + (v / b) ** 2)
-        rect = torch.maximum(u.abs() / a, v.abs() / b)
-        d = torch.where(p(is_rect), rect, ell)
-        alpha = (0.5 - (d - 1) * torch.minimum(a, b)).clamp(0, 1)  # anti-aliased coverage (n, m, S, S)
-        proj = (dx * torch.cos(p(grad_dir)) + dy * torch.sin(p(grad_dir))) / (2 * p(r))
-        stripes = p(grating) * torch.sin(2 * math.pi * p(grating_freq) * u + p(grating_phase))
-        # composite bottom -> top: out = sum_k w_k c_k(x) + T canvas, where
-        # w_k = alpha_k prod_{j>k} (1 - alpha_j), T = prod_j (1 - alpha_j) and
-        # c_k(x) = base_k + grad_k proj_k(x) + (stripes_k(x) + noise_k tex(x)) (the last two grey)
-        keep = torch.flip(torch.cumprod(torch.flip(1 - alpha, [1]), 1), [1])  # prod_{j>=k}  (n, m, S, S)
-        w = alpha * torch.cat([keep[:, 1:], torch.ones_like(keep[:, :1])], 1)  # (n, m, S, S)
-        mod = (w * (stripes + p(noise_amp) * tex)).sum(1, keepdim=True)  # (n, 1, S, S)
-        canvas = (keep[:, :1] * canvas + mod + torch.einsum("nmhw,nmc->nchw", w, base[:, sl])
-                  + torch.einsum("nmhw,nmc->nchw", w * proj, grad[:, sl]))
-
-    canvas = _gaussian_blur(canvas, rand(n) * blur_max)
-    noise_std = (rand(n) * noise_max)[:, None, None, None]
-    canvas = canvas + torch.randn(canvas.shape, generator=generator, device=dev) * noise_std
-    return canvas.clamp(-1, 1)
+    canvas = _gradient_background(draw, n, size, yy, xx)
+    tex = _texture_field(draw, n, size)
+    shapes = _leaf_shapes(draw, n, num_shapes, size, rmin, float(size) if rmax is None else rmax)
+    for s in range(0, num_shapes, chunk):
+        canvas = _composite(canvas, shapes, slice(s, min(s + chunk, num_shapes)), yy, xx, tex)
+    canvas = _gaussian_blur(canvas, draw.rand(n) * blur_max)
+    noise_std = (draw.rand(n) * noise_max)[:, None, None, None]
+    return (canvas + draw.randn(*canvas.shape) * noise_std).clamp(-1, 1)
 
 
 class TrainingImages:
