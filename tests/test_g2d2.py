@@ -227,9 +227,12 @@ def test_configs_instantiate(schedule):
     assert isinstance(solver, G2D2) and isinstance(solver.noise_schedule, (StarShaped, MarkovPosterior))
     assert (solver.num_steps, solver.inner_iters, solver.kappa) == (100, 30, 0.3)  # the paper's values
     assert solver.kl_form == "exact"  # the true KL by default; the paper-reproduction configs pick public
-    # the embedded tiny prior gets a CPU-sized budget (conf/setting/g2d2_tiny_vq.yaml)
+    # the embedded tiny prior gets a CPU-sized budget (conf/setting/g2d2_tiny_vq.yaml), the tiny table's method a
+    # longer one (conf/method/g2d2_tiny.yaml)
     tiny = compose_config(["solver=g2d2", "prior=tiny_vq", f"noise_schedule={schedule}"])
-    assert (tiny.solver.num_steps, tiny.solver.inner_iters, tiny.batch_size) == (10, 20, 4)
+    assert (tiny.solver.num_steps, tiny.solver.inner_iters, tiny.batch_size) == (8, 20, 4)
+    table = compose_config(["+method=g2d2_tiny", f"noise_schedule={schedule}"])
+    assert (table.solver.num_steps, table.solver.inner_iters, table.batch_size) == (10, 20, 4)
 
 
 @pytest.mark.parametrize("name, lr0, w, guidance", [
