@@ -158,6 +158,24 @@ def test_relaxed_decode_of_a_codes_last_layout_equals_the_codes_first_one(tiny_d
     torch.testing.assert_close(last.grad.transpose(1, 2), first.grad, rtol=0, atol=1e-5 * scale)
 
 
+def test_the_decoder_runs_in_the_default_memory_layout(tiny_dirs):
+    """Every GroupNorm of the decoder sees NCHW input, although the relaxed decode of G2D2's codes-last probs, the
+    codebook lookup of decode_tokens and diffusers' attention block (a reshaped (B, HW, C) tensor) all produce
+    channels-last views: on the CPU, GroupNorm's forward + backward is several times slower channels-last."""
+    prior = VQDiffusionPrior(str(tiny_dirs["uncond"]))
+    norms = [m for m in prior.vqvae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert prior.vqvae.decoder.mid_block.attentions[0] is not None  # the toy decoder has the attention block
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous())) for m in norms]
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(2, 64, TINY_CODES, generator=g), 2).requires_grad_(True)
+    prior.decode(probs.transpose(1, 2)).sum().backward()
+    prior.decode_tokens(torch.randint(0, TINY_CODES, (2, 64), generator=g))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * len(norms) and all(seen)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_networks_keep_float32_outputs(tiny_dirs, precision):
     prior = VQDiffusionPrior(str(tiny_dirs["text"]), prompt=PROMPT, guidance_scale=2.0, precision=precision)

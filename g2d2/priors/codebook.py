@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.attention_processor import Attention
 
 from g2d2.priors.base import DiscretePrior, enable_checkpointing, freeze, network_autocast
 from g2d2.priors.checkpoints import CheckpointError
@@ -30,6 +31,11 @@ def load_component(root: Path, component: str, loader: Callable[[str], Any], fam
             f"could not load the '{component}' component from {folder} ({type(err).__name__}: {err}); "
             f"expected layout: {layout}"
         ) from err
+
+
+def _contiguous_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output in the default (NCHW) memory layout."""
+    return output.contiguous()
 
 
 def check_prompt_options(prompt: str | None, prompt_from_data: bool, guidance_scale: float) -> None:
@@ -60,6 +66,12 @@ class CodebookPrior(DiscretePrior):
         self.register_buffer("codebook", codebook, persistent=False)
         freeze(self.vqvae)
         freeze(self.transformer)
+        # diffusers' attention blocks return their (B, C, H, W) output as a reshaped (B, HW, C) tensor, i.e.
+        # channels-last; every decoder layer after one (all the high-resolution ones) would then run
+        # channels-last, where CPU GroupNorm's forward + backward is several times slower
+        for module in self.vqvae.modules():
+            if isinstance(module, Attention):
+                module.register_forward_hook(_contiguous_output)
         if gradient_checkpointing:
             enable_checkpointing(self.vqvae)
         self.to(device)
@@ -101,7 +113,9 @@ class CodebookPrior(DiscretePrior):
         force_not_quantize=True) written out (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot
         turn it into a lookup."""
         h, w = self.token_shape
-        quant = emb.reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype)  # (B, d, h, w), raster
+        # contiguous (NCHW): a (B, d, N) view with d innermost (the (B, N, K) relaxed decode, a codebook lookup)
+        # would run the whole decoder channels-last, where CPU GroupNorm's forward + backward is ~5x slower
+        quant = emb.reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype).contiguous()  # (B, d, h, w), raster
         spatial = quant if self.vqvae.config.norm_type == "spatial" else None
         with network_autocast(self.precision, quant.device):
             image = self.vqvae.decoder(self.vqvae.post_quant_conv(quant), spatial)
