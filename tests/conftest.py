@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,11 @@ def compose_config(overrides: list[str] | None = None, return_hydra_config: bool
     """Compose conf/config.yaml with overrides, as `scripts/run.py` would."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a JSON-lines file (a run's metrics.jsonl), strictly: a partial line fails the test."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run_entry_point(args: list[str], tmp_path: Path, timeout: float = 600, check: bool = True):

@@ -71,8 +71,7 @@ def test_per_image_draws_take_row_b_from_generator_b():
 @pytest.mark.parametrize("solver", ["g2d2", "red_diff"])
 def test_runner_batch_size_does_not_change_the_numbers(tmp_path, solver):
     """Two embedded images at batch_size=1 and batch_size=2 (a short budget): the same metrics per image."""
-    from conftest import compose_config
-    from test_runner import read_jsonl
+    from conftest import compose_config, read_jsonl
 
     from g2d2.experiment.runner import run
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_entry_point
+from conftest import read_jsonl, run_entry_point
 from PIL import Image
 
 from g2d2.experiment.results import MetricsFile, summarize
@@ -15,10 +15,6 @@ from g2d2.experiment.tracking import NullLogger
 
 ALL_TASKS = ["sr4", "sr4_avgpool", "gauss_deblur", "motion_deblur", "inpaint_box", "inpaint_random", "cs", "denoise"]
 FAST = ["solver=pinv", "logger=none", "data.limit=2", "progress=false"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, read_jsonl
 from hydra.utils import instantiate
 
 from g2d2.data import shard_range
@@ -25,10 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MAKE_TABLE = ROOT / "scripts" / "make_table.py"
 QUIET = ["logger=none", "progress=false", "device=cpu"]
 COST_KEYS = ("seconds", "peak_gpu_mem_mb", "peak_rss_mb")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def without_cost(records):
