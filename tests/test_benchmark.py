@@ -20,8 +20,8 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from g2d2.bench import cli, profiling, report, rows, timing
-from g2d2.experiment.runner import build_prior, image_generator
+from g2d2.bench import cli, models, profiling, report, rows, timing
+from g2d2.experiment.runner import build_prior, image_generator, pose_batch
 from g2d2.solvers.base import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,19 +188,25 @@ def _fake_window(**kwargs) -> dict:
 @pytest.mark.usefixtures("one_thread")
 def test_batch_row_poses_the_runner_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """A row at batch 3 solves images 0..2 as the runner poses them: each image's own operator draw (random
-    inpainting masks from image_generator(seed, i)), one measurement row per image; throughput from s/step."""
+    inpainting masks from image_generator(seed, i)), one measurement row per image, one generator per image
+    passed to the solve; throughput from s/step."""
     args = cli.parse_args(["--scale", "tiny", "--device", "cpu", "--task", "inpaint_random", "--seed", "5",
                            "--measure-steps-pixel", "1", "--bare-reps", "1"])
     cfg = rows.compose_run_config(rows.row_overrides("red_diff_tiny", None, 64, "fp32", False, args, batch_size=3))
     seen = []
     monkeypatch.setattr(rows.timing, "measure_solve",
-                        lambda solver, prior, net, operator, y, *a: seen.append((operator, y)) or _fake_window())
+                        lambda solver, prior, net, operator, y, *a: seen.append((operator, y, a[3])) or _fake_window())
     row = rows.run_solver("red_diff", cfg, build_prior(cfg, torch.device("cpu")), "tiny_ddpm", "fp32", args,
                           torch.device("cpu"))
     assert row["status"] == "ok" and row["batch_size"] == 3, row
-    ((operator, y),) = seen
+    ((operator, y, generators),) = seen
     assert y.shape == (3, 3, 64, 64)
     masks = [instantiate(cfg.task.operator, generator=image_generator(5, i)).state()["mask"] for i in range(3)]
+    # the solve gets the runner's per-image generators, in the state pose_batch leaves them (operator, noise drawn)
+    _, posed, _ = pose_batch(cfg, torch.zeros(3, 3, 64, 64), [0, 1, 2], torch.device("cpu"))
+    assert len(generators) == 3
+    assert all(torch.equal(g.get_state(), p.get_state()) for g, p in zip(generators, posed, strict=True))
+    assert not torch.equal(generators[0].get_state(), image_generator(5, 0).get_state())
     assert len(operator.operators) == 3
     assert all(torch.equal(op.state()["mask"], m) for op, m in zip(operator.operators, masks, strict=True))
     assert not torch.equal(masks[0], masks[1])
@@ -242,6 +248,24 @@ def test_batch_sizes_option() -> None:
     for bad in ("0,4", "a", ","):
         with pytest.raises(SystemExit):
             cli.parse_args(["--batch-sizes", bad])
+
+
+def test_cpu_scale_keeps_ithq_shapes_and_refuses_other_priors(capsys: pytest.CaptureFixture) -> None:
+    """--scale cpu: ITHQ's image size, f = 8, token grid and codebook (only the widths shrink), one thread; any
+    solver or prior it has no shapes for is refused before anything is built."""
+    (vq_full, tr_full, _), (vq_cpu, tr_cpu, _) = models.VQ_SHAPES["full"], models.VQ_SHAPES["cpu"]
+    for key in ("num_vq_embeddings", "sample_size", "down_block_types", "up_block_types"):
+        assert vq_cpu[key] == vq_full[key]
+    assert len(vq_cpu["block_out_channels"]) == len(vq_full["block_out_channels"])
+    for key in ("sample_size", "num_vector_embeds"):
+        assert tr_cpu[key] == tr_full[key]
+    args = cli.parse_args(["--scale", "cpu", "--device", "cpu", "--solvers", "g2d2,pinv",
+                           "--discrete-priors", "vq_diffusion_ithq"])
+    assert (args.threads, args.pinv_size) == (1, 256)
+    for bad in (["--solvers", "g2d2,dps", "--discrete-priors", "vq_diffusion_ithq"], ["--solvers", "g2d2"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--scale", "cpu", *bad])
+        assert "--scale cpu has VQ-Diffusion ITHQ shapes only" in capsys.readouterr().err
 
 
 def test_trailing_overrides_reach_every_row() -> None:

@@ -6,6 +6,8 @@
         --out /tmp/benchmark.json --markdown /tmp/benchmark.md   # CI smoke test
     python scripts/benchmark.py --solvers g2d2 noise_schedule=star solver.kl_form=exact   # run.py overrides
     python scripts/benchmark.py --solvers dps,red_diff --batch-sizes 1,4,16   # per-image throughput by batch size
+    python scripts/benchmark.py --scale cpu --device cpu --solvers g2d2 --discrete-priors vq_diffusion_ithq \
+        --precisions fp32 --measure-steps 2 --bare-reps 2   # G2D2 on one CPU thread at ITHQ's shapes
 
 What is measured (images of the prior's size: 256 px at full scale; `--batch-sizes`, default 1, of them per solve):
 - Priors are the real architectures with random weights (g2d2.bench.models), saved in our checkpoint
@@ -101,7 +103,9 @@ def _batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scale", choices=("full", "tiny"), default="full", help="full: real shapes, 256 px; tiny: smoke")
+    p.add_argument("--scale", choices=("full", "tiny", "cpu"), default="full",
+                   help="full: real shapes, 256 px; tiny: smoke; cpu: VQ-Diffusion ITHQ's 256 px images, tokens and "
+                   "codes with narrow networks (G2D2 and pinv only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--solvers", default="g2d2,red_diff,dps,pinv", help=f"comma list of {list(SOLVERS)}")
     p.add_argument("--precisions", default="fp32,fp16",
@@ -143,15 +147,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.precisions = _split(args.precisions, PRECISIONS, "precision(s)", p)
     args.pixel_priors = _split(args.pixel_priors, models.ADM_SHAPES, "pixel prior(s)", p)
     args.discrete_priors = _split(args.discrete_priors, DISCRETE_PRIORS, "discrete prior(s)", p)
+    if args.scale == "cpu" and (set(args.solvers) - {"g2d2", "pinv"} or args.discrete_priors != ["vq_diffusion_ithq"]):
+        p.error("--scale cpu has VQ-Diffusion ITHQ shapes only: pass --solvers g2d2 (or g2d2,pinv) and "
+                "--discrete-priors vq_diffusion_ithq")
     args.checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     args.batch_sizes = _batch_sizes(args.batch_sizes, p)
     if args.bare_reps is None:
         args.bare_reps = 5 if args.scale == "full" else 2
-    if args.threads is None and args.scale == "tiny":
+    if args.threads is None and args.scale in ("tiny", "cpu"):
         args.threads = 1
     if min(args.measure_steps, args.measure_steps_pixel, args.bare_reps) < 1 or args.warmup_steps < 0:
         p.error("--measure-steps, --measure-steps-pixel and --bare-reps must be >= 1, --warmup-steps >= 0")
-    args.pinv_size = 256 if args.scale == "full" else models.TINY_IMAGE_SIZE
+    args.pinv_size = models.TINY_IMAGE_SIZE if args.scale == "tiny" else 256
     return args
 
 

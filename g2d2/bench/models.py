@@ -31,7 +31,8 @@ Shapes ("full" scale), from the public configs:
     ADM pixel priors (g2d2.priors.guided_diffusion): DPS's ffhq_10m and ADM ImageNet 256 uncond as
     diffusers UNet2DModel, learned-range variance (6 output channels), linear betas, T = 1000.
 "tiny" scale keeps every block type but shrinks widths and depths, and the images to 16 px (VQ) and
-32 px (ADM: six levels down to 1 px) for the CPU smoke test.
+32 px (ADM: six levels down to 1 px) for the CPU smoke test. "cpu" scale (VQ-Diffusion only) keeps ITHQ's
+256 px images, 32 x 32 tokens and 4096 codes with narrow networks: G2D2's CPU cost at the paper's shapes.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ VQ_SHAPES = {
         ),
     ),
 }
+# "cpu": ITHQ's component classes, image size (256 px), f = 8, token grid (32 x 32) and codebook (4096 codes), with
+# narrow networks (decoder channels 32 / 32 / 64 / 64, dimension-64 codes, 2 transformer layers): G2D2's inner loop
+# at the paper's shapes of logits and images, at a cost one CPU thread measures in minutes
+VQ_SHAPES["cpu"] = (
+    dict(VQ_SHAPES["full"][0], block_out_channels=(32, 32, 64, 64), latent_channels=64, vq_embed_dim=64),
+    dict(VQ_SHAPES["full"][1], num_layers=2, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=32),
+    VQ_SHAPES["tiny"][2],
+)
 #: timesteps of the VQ-Diffusion scheduler (ITHQ: 100) at every scale, so G2D2 runs its paper settings
 VQ_TIMESTEPS = 100
 TEXT_LENGTH = 77
@@ -192,8 +201,9 @@ def write_vq_diffusion(root: Path, scale: str, device: torch.device, dtype: torc
     _write_toy_tokenizer(root / "tokenizer")
     down = 2 ** (len(vq_kw["block_out_channels"]) - 1)
     inner = tr_kw["num_attention_heads"] * tr_kw["attention_head_dim"]
+    label = {"full": "ITHQ", "cpu": "ITHQ-shaped, narrow", "tiny": "tiny"}[scale]
     shape = (
-        f"VQ-Diffusion{' ITHQ' if scale == 'full' else ' tiny'}: transformer {tr_kw['num_layers']}x{inner} "
+        f"VQ-Diffusion {label}: transformer {tr_kw['num_layers']}x{inner} "
         f"({params['transformer'] / 1e6:.0f}M), VQ f{down} {vq_kw['num_vq_embeddings']} codes "
         f"({params['vqvae'] / 1e6:.0f}M), CLIP text ({params['text_encoder'] / 1e6:.0f}M)"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from g2d2.bench import timing
+from g2d2.rng import Generators
 
 
 class ProfileSteps:
@@ -32,7 +33,8 @@ class ProfileSteps:
 
 
 def profile_step(
-    solver, prior, network: torch.nn.Module, operator, y, device: torch.device, path: Path, seed: int = 0
+    solver, prior, network: torch.nn.Module, operator, y, device: torch.device, path: Path,
+    generator: Generators | None = None,
 ) -> None:
     """Write a torch.profiler table of one solver step (after one warm-up step) to `path`.
 
@@ -46,7 +48,7 @@ def profile_step(
     hook = ProfileSteps(profiler)
     handle = network.register_forward_pre_hook(hook)
     try:
-        solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(seed))
+        solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(0) if generator is None else generator)
     except timing.StopSolve:
         pass
     finally:

@@ -29,7 +29,6 @@ from g2d2.experiment.runner import (
     build_solver,
     check_config,
     check_prior,
-    image_generator,
     pose_batch,
 )
 from g2d2.experiment.tracking import measure_cost, peak_rss_mb
@@ -165,12 +164,13 @@ def throughput(s_per_step: float, num_steps: int, batch_size: int) -> dict:
 
 
 def pose_problem(cfg: DictConfig, device: torch.device) -> tuple:
-    """(operator, y) of one batch of `python scripts/run.py <overrides>`: images 0 .. cfg.batch_size-1, posed by
-    the runner's own `pose_batch`. Random images stand in for the data: their content does not change the cost."""
+    """(operator, generators, y) of one batch of `python scripts/run.py <overrides>`: images 0 .. cfg.batch_size-1,
+    posed by the runner's own `pose_batch`, with the per-image generators the runner then passes the solver.
+    Random images stand in for the data: their content does not change the cost."""
     size = cfg.data.image_size
     x = (torch.rand(cfg.batch_size, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1)
-    operators, _, y = pose_batch(cfg, x.to(device), list(range(cfg.batch_size)), device)
-    return per_image(operators), y
+    operators, generators, y = pose_batch(cfg, x.to(device), list(range(cfg.batch_size)), device)
+    return per_image(operators), generators, y
 
 
 def bare_prior_cost(name: str, solver, prior, device: torch.device, reps: int, batch_size: int = 1) -> dict:
@@ -218,18 +218,18 @@ def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, ar
     try:
         solver = build_solver(cfg)
         check_prior(solver, prior, cfg.data.image_size)
-        operator, y = pose_problem(cfg, device)
-        gen = image_generator(cfg.seed, 0)  # pinv's (it draws nothing)
+        operator, generators, y = pose_problem(cfg, device)
         num_steps = int(getattr(solver, "num_steps", 1))
         row.update(num_steps=num_steps, inner_iters=getattr(solver, "inner_iters", None), task=args.task)
         if prior is None:  # pinv: one call is the whole solve
             with measure_cost(device) as cost:
-                row["s_per_step"] = timing.timed(lambda: solver.solve(None, operator, y, gen), args.bare_reps, device)
+                row["s_per_step"] = timing.timed(lambda: solver.solve(None, operator, y, generators), args.bare_reps,
+                                                 device)
             row.update(peak_gpu_mib=cost.peak_gpu_mem_mb, steps_timed=args.bare_reps, host_syncs_per_step=None)
         else:
             network = step_network(prior)
             row.update(timing.measure_solve(solver, prior, network, operator, y, device, counts["warmup_steps"],
-                                            counts["measure_steps"], args.seed, args.count_syncs))
+                                            counts["measure_steps"], generators, args.count_syncs))
         row.update(throughput(row["s_per_step"], num_steps, batch))
     except Exception as err:  # noqa: BLE001 - one configuration failing must not stop the benchmark
         row.update(failure(err, ""))
@@ -245,7 +245,7 @@ def run_solver(name: str, cfg: DictConfig, prior, shape: str, precision: str, ar
         path = Path(args.profile) / f"{name}_{_slug(shape)}_{precision}{'' if batch == 1 else f'_b{batch}'}.txt"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            profile_step(solver, prior, step_network(prior), operator, y, device, path, args.seed)
+            profile_step(solver, prior, step_network(prior), operator, y, device, path, generators)
             row["profile"] = str(path)
         except Exception as err:  # noqa: BLE001 - a diagnostic: keep the row
             row["profile_error"] = failure(err, "profile: ")["error"]
