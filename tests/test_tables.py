@@ -463,7 +463,8 @@ def test_tiny_table_pinv_rows_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_table_with_the_tiny_priors_end_to_end(tmp_path):
-    """2 tasks x 3 solvers on the embedded tiny priors, few steps, 2 images, then make_table.
+    """2 tasks x 3 solvers on the embedded tiny priors, few steps, 2 images, then make_table; two jobs at a time
+    (the local joblib launcher README recommends for this table), one OpenMP thread each.
 
     Skipped (visibly) until g2d2/priors/weights/tiny_vq and tiny_ddpm exist; with
     G2D2_REQUIRE_TINY_PRIORS=1 (CI, once the weights are committed) a missing prior fails instead.
@@ -474,7 +475,8 @@ def test_tiny_table_with_the_tiny_priors_end_to_end(tmp_path):
         pytest.skip(f"tiny prior weights not yet under {WEIGHTS}: train them with scripts/train_tiny_priors.py")
     methods = ["g2d2_tiny", "red_diff_tiny", "dps_tiny"]
     run_entry_point(["-m", "+experiment=tiny_table", f"method={','.join(methods)}", "task=sr4,gauss_deblur",
-                     "data.limit=2", "solver.num_steps=4", *FAST], tmp_path)
+                     "data.limit=2", "solver.num_steps=4", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *FAST],
+                    tmp_path)
     md = check_table_run(tmp_path, ["sr4", "gauss_deblur"], methods)
     for label in ("g2d2 (tiny_vq)", "red_diff (tiny_ddpm)", "dps (tiny_ddpm)"):
         assert f"| {label} | 2 | 2 |" in md
