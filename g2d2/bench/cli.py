@@ -27,7 +27,8 @@ What is measured (images of the prior's size: 256 px at full scale; `--batch-siz
   stopped. The device is synchronised only at the two edges of that window (g2d2.bench.timing).
   s/image = s/step x the solver's num_steps / B (extrapolated; one-off costs such as loading, prompt
   encoding and the final decode are not included); images/h = 3600 / s/image. The B images of a row are posed
-  as the runner poses one batch: images 0 .. B-1, each with its own seeded operator draw and noise.
+  as the runner poses one batch: images 0 .. B-1, each with its own seeded operator draw and noise, and solved
+  with the runner's per-image generators.
 - Batch sizes: every row is timed at each `--batch-sizes` value (run.py's `batch_size`), ascending; a row that
   runs out of memory is recorded with status "oom", and that solver's larger sizes (same precision) are skipped.
 - Peak GPU memory = torch.cuda.max_memory_allocated over the solve (weights included), after
