@@ -113,8 +113,8 @@ class CodebookPrior(DiscretePrior):
         force_not_quantize=True) written out (post_quant_conv + decoder), so `lookup_from_codebook` configs cannot
         turn it into a lookup."""
         h, w = self.token_shape
-        # contiguous (NCHW): a (B, d, N) view with d innermost (the (B, N, K) relaxed decode, a codebook lookup)
-        # would run the whole decoder channels-last, where CPU GroupNorm's forward + backward is ~5x slower
+        # NCHW: a (B, d, N) view with d innermost (the (B, N, K) relaxed decode, a codebook lookup) is channels-last,
+        # which the decoder's layers would keep (see the attention hooks of _freeze)
         quant = emb.reshape(emb.shape[0], -1, h, w).to(self.vqvae.dtype).contiguous()  # (B, d, h, w), raster
         spatial = quant if self.vqvae.config.norm_type == "spatial" else None
         with network_autocast(self.precision, quant.device):
