@@ -325,7 +325,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch):
 def _measure(net: ToyNet, solver: ToySolver, warmup: int, measure: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the toy's sync warnings, when nothing records them
-        return timing.measure_solve(solver, net, net, None, None, torch.device("cpu"), warmup, measure)
+        return timing.measure_solve(solver, net, net, None, None, torch.device("cpu"), warmup, measure, None)
 
 
 def test_step_clock_syncs_only_at_window_edges(fake_clock) -> None:
@@ -430,6 +430,7 @@ def test_a_failing_profiled_step_leaves_no_profiler_running(tmp_path) -> None:
             raise NonFiniteError("diverged")  # ... and fails
 
     with pytest.raises(NonFiniteError):
-        profiling.profile_step(FailsInStepTwo(), None, network, None, None, torch.device("cpu"), tmp_path / "p.txt")
+        profiling.profile_step(FailsInStepTwo(), None, network, None, None, torch.device("cpu"), tmp_path / "p.txt",
+                               None)
     assert not torch.autograd.profiler._is_profiler_enabled
     assert not network._forward_pre_hooks

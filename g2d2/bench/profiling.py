@@ -33,8 +33,7 @@ class ProfileSteps:
 
 
 def profile_step(
-    solver, prior, network: torch.nn.Module, operator, y, device: torch.device, path: Path,
-    generator: Generators | None = None,
+    solver, prior, network: torch.nn.Module, operator, y, device: torch.device, path: Path, generator: Generators
 ) -> None:
     """Write a torch.profiler table of one solver step (after one warm-up step) to `path`.
 
@@ -48,7 +47,7 @@ def profile_step(
     hook = ProfileSteps(profiler)
     handle = network.register_forward_pre_hook(hook)
     try:
-        solver.solve(prior, operator, y, generator=torch.Generator().manual_seed(0) if generator is None else generator)
+        solver.solve(prior, operator, y, generator=generator)
     except timing.StopSolve:
         pass
     finally:

@@ -146,12 +146,12 @@ class StepClock:
 
 def measure_solve(
     solver, prior, network: torch.nn.Module, operator, y, device: torch.device, warmup: int, measure: int,
-    generator: Generators | None = None, count_syncs: bool = True,
+    generator: Generators, count_syncs: bool = True,
 ) -> dict:
     """Run solver.solve until warmup + measure steps are timed: per-step seconds, host syncs and peak memory.
 
     `network` is the module the solver calls once per outer step (the prior's transformer or UNet); `generator`
-    is what the runner passes the solve (one per image; None: one generator seeded 0).
+    is what the runner passes the solve (one per image).
     A solve that diverges (NonFiniteError, possible with random weights) keeps the steps timed before it.
     """
     clock = StepClock(device, warmup, measure)
@@ -161,7 +161,6 @@ def measure_solve(
         with measure_cost(device) as cost, host_sync_log(device, count_syncs) as log:
             clock.log = log
             try:
-                generator = torch.Generator().manual_seed(0) if generator is None else generator
                 solver.solve(prior, operator, y, generator=generator)
                 clock.close()  # fewer steps than asked for: the end of the solve closes the last step
             except StopSolve:
